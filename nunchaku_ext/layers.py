@@ -1,0 +1,165 @@
+"""Quantized linear layers as torch modules.
+
+Every quantized tensor is a registered buffer in the FILE layout (docs/format.md), so state_dict,
+.to(device), memory accounting and ComfyUI's model management see the real 4-bit size. The forward
+goes through a backend (nunchaku_ext.backends): 'reference' is the executable spec; kernel backends
+may keep a repacked copy of their own, made once per device.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from . import backends
+from .numerics import GROUP_SIZE, PRECISIONS, W4A16_GROUP, e2m1_to_float, expand_groups, unpack_4bit
+
+COMPUTE_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What a file declares about one quantized layer (the `layers` metadata of docs/format.md)."""
+
+    kind: str  # "w4a4" or "w4a16"
+    in_features: int
+    out_features: int
+    bias: bool
+    rank: int = 0  # w4a4 only: rows of lora_down
+    act_unsigned: bool = False  # w4a4 int4 only
+
+    def tensor_specs(self, precision: str, dtype: torch.dtype) -> dict:
+        """Name suffix -> TensorSpec of every tensor this layer owns. The one schema that both the
+        modules and the checkpoint validation use."""
+        K, N = self.in_features, self.out_features
+        if dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"unsupported dtype {dtype}; use one of {COMPUTE_DTYPES}")
+        if self.kind == "w4a4":
+            if precision not in PRECISIONS:
+                raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+            group = GROUP_SIZE[precision]
+            if K % group:
+                raise ValueError(f"in_features {K} is not a multiple of the {precision} group size {group}")
+            if self.act_unsigned and precision != "int4":
+                raise ValueError("unsigned (shifted) input exists for int4 only: E2M1 codes are always signed")
+            if self.act_unsigned and not self.bias:
+                raise ValueError("an unsigned-input layer needs a bias: it holds the shift's compensation")
+            if self.rank < 0:
+                raise ValueError(f"rank must be >= 0, got {self.rank}")
+            specs = {
+                "qweight": TensorSpec((N, K // 2), torch.uint8),
+                "wscales": TensorSpec((K // group, N), dtype if precision == "int4" else torch.float8_e4m3fn),
+                "smooth": TensorSpec((K,), dtype),
+                "lora_down": TensorSpec((self.rank, K), dtype),
+                "lora_up": TensorSpec((N, self.rank), dtype),
+            }
+            if precision == "nvfp4":
+                specs["wtscale"] = TensorSpec((), torch.float32)
+        elif self.kind == "w4a16":
+            if K % W4A16_GROUP:
+                raise ValueError(f"in_features {K} is not a multiple of the w4a16 group size {W4A16_GROUP}")
+            specs = {
+                "qweight": TensorSpec((N, K // 2), torch.uint8),
+                "wscales": TensorSpec((K // W4A16_GROUP, N), dtype),
+                "wzeros": TensorSpec((K // W4A16_GROUP, N), dtype),
+            }
+        else:
+            raise ValueError(f"unknown layer kind {self.kind!r}; known: w4a4, w4a16")
+        if self.bias:
+            specs["bias"] = TensorSpec((N,), dtype)
+        return specs
+
+
+class _QuantizedLinear(torch.nn.Module):
+    def __init__(self, spec: LayerSpec, precision: str, dtype, device):
+        super().__init__()
+        self.in_features, self.out_features = spec.in_features, spec.out_features
+        self.backend = "reference"
+        self.register_buffer("bias", None)
+        for name, t in spec.tensor_specs(precision, dtype).items():
+            self.register_buffer(name, torch.empty(t.shape, dtype=t.dtype, device=device))
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}"
+
+
+class SVDQW4A4Linear(_QuantizedLinear):
+    """y = Q((x [+ shift]) / smooth) · Q(R)ᵀ + (x · lora_downᵀ) · lora_upᵀ + bias (DESIGN.md §2).
+
+    lora_down already holds L1 / smooth and acts on the raw input, so a LoRA is absorbed by
+    appending rows to lora_down and columns to lora_up."""
+
+    def __init__(self, in_features, out_features, rank, *, bias=True, precision="int4", act_unsigned=False,
+                 dtype=torch.bfloat16, device=None):
+        spec = LayerSpec("w4a4", in_features, out_features, bias, rank, act_unsigned)
+        super().__init__(spec, precision, dtype, device)
+        self.precision = precision
+        self.act_unsigned = act_unsigned
+
+    @property
+    def rank(self) -> int:
+        return self.lora_down.shape[0]
+
+    @property
+    def group_size(self) -> int:
+        return GROUP_SIZE[self.precision]
+
+    def spec(self) -> LayerSpec:
+        return LayerSpec("w4a4", self.in_features, self.out_features, self.bias is not None, self.rank,
+                         self.act_unsigned)
+
+    def dequantized_residual(self) -> torch.Tensor:
+        """Q(R) in fp32 [N, K], in the smoothed input space."""
+        if self.precision == "int4":
+            codes = unpack_4bit(self.qweight, signed=True).float()
+            return codes * expand_groups(self.wscales.float().T, self.group_size)
+        codes = e2m1_to_float(unpack_4bit(self.qweight, signed=False))
+        return codes * expand_groups(self.wscales.float().T, self.group_size) * self.wtscale
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense weight this layer stands for, fp32 [N, K] in input space (quantized residual
+        over smooth, plus the low-rank branch). Activation quantization and the unsigned shift's
+        bias compensation are not part of it."""
+        return (self.dequantized_residual() / self.smooth.float()
+                + self.lora_up.float() @ self.lora_down.float())
+
+    def extra_repr(self):
+        return (super().extra_repr() + f", rank={self.rank}, precision={self.precision}"
+                + (", act_unsigned=True" if self.act_unsigned else ""))
+
+    def forward(self, x):
+        return backends.get(self.backend).w4a4_linear(self, x)
+
+
+class W4A16Linear(_QuantizedLinear):
+    """Weight-only INT4 linear (adaLN modulation, M = batch size): w = code * scale + zero."""
+
+    def __init__(self, in_features, out_features, *, bias=True, dtype=torch.bfloat16, device=None):
+        super().__init__(LayerSpec("w4a16", in_features, out_features, bias), "int4", dtype, device)
+
+    def spec(self) -> LayerSpec:
+        return LayerSpec("w4a16", self.in_features, self.out_features, self.bias is not None)
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense weight, fp32 [N, K]."""
+        codes = unpack_4bit(self.qweight, signed=False).float()
+        scales = expand_groups(self.wscales.float().T, W4A16_GROUP)
+        zeros = expand_groups(self.wzeros.float().T, W4A16_GROUP)
+        return codes * scales + zeros
+
+    def forward(self, x):
+        return backends.get(self.backend).w4a16_linear(self, x)
+
+
+def make_layer(spec: LayerSpec, precision: str, dtype=torch.bfloat16, device=None) -> torch.nn.Module:
+    """An empty (uninitialized) module for a declared layer; fill it with load_state_dict."""
+    if spec.kind == "w4a4":
+        return SVDQW4A4Linear(spec.in_features, spec.out_features, spec.rank, bias=spec.bias,
+                              precision=precision, act_unsigned=spec.act_unsigned, dtype=dtype, device=device)
+    if spec.kind == "w4a16":
+        return W4A16Linear(spec.in_features, spec.out_features, bias=spec.bias, dtype=dtype, device=device)
+    raise ValueError(f"unknown layer kind {spec.kind!r}; known: w4a4, w4a16")
