@@ -13,6 +13,7 @@ from . import backends
 from .numerics import GROUP_SIZE, PRECISIONS, W4A16_GROUP, e2m1_to_float, expand_groups, unpack_4bit
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16)
+BACKEND_STATE_ATTR = "backend_state"
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,12 @@ class _QuantizedLinear(torch.nn.Module):
         self.register_buffer("bias", None)
         for name, t in spec.tensor_specs(precision, dtype).items():
             self.register_buffer(name, torch.empty(t.shape, dtype=t.dtype, device=device))
+
+    def _apply(self, fn, recurse=True):
+        # A backend may keep per-layer state made from the buffers (the cuda backend: a repacked copy
+        # on one device) in `backend_state`; moving or casting the buffers makes it stale.
+        self.__dict__.pop(BACKEND_STATE_ATTR, None)
+        return super()._apply(fn, recurse)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}"

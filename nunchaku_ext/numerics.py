@@ -32,6 +32,12 @@ PRECISIONS = ("int4", "nvfp4")
 GROUP_SIZE = {"int4": INT4_GROUP, "nvfp4": NVFP4_GROUP}
 
 
+def _div(t: torch.Tensor, divisor: float) -> torch.Tensor:
+    """t / divisor as true fp32 division on every device. (On CUDA, torch turns division by a Python
+    scalar into multiplication by its reciprocal, which can be one ulp off.)"""
+    return t / torch.full_like(t, divisor)
+
+
 def _grouped(t: torch.Tensor, group: int) -> torch.Tensor:
     """[..., K] -> [..., K/group, group]."""
     if t.shape[-1] % group:
@@ -87,7 +93,7 @@ def quantize_int4_symmetric(v: torch.Tensor, scale_dtype: torch.dtype = torch.fl
 
     v is fp32 [..., K]. Returns (codes int8 [..., K], scales scale_dtype [..., K/64])."""
     groups = _grouped(v.float(), INT4_GROUP)
-    scales = (groups.abs().amax(dim=-1) / 7.0).to(scale_dtype)
+    scales = _div(groups.abs().amax(dim=-1), 7.0).to(scale_dtype)
     return _codes_for_scales(groups, scales, -7, 7), scales
 
 
@@ -106,7 +112,7 @@ def quantize_act_int4(xs: torch.Tensor, unsigned: bool = False):
     if not unsigned:
         return quantize_int4_symmetric(xs)
     groups = _grouped(xs.float(), INT4_GROUP)
-    scales = groups.amax(dim=-1).clamp_min(0.0) / 15.0
+    scales = _div(groups.amax(dim=-1).clamp_min(0.0), 15.0)
     return _codes_for_scales(groups, scales, 0, 15), scales
 
 
@@ -138,7 +144,7 @@ def quantize_act_nvfp4(xs: torch.Tensor):
 
     xs is fp32 [M, K]. Returns (codes uint8 [M, K], scales float8_e4m3fn [M, K/16])."""
     groups = _grouped(xs.float(), NVFP4_GROUP)
-    scales = (groups.abs().amax(dim=-1) / E2M1_MAX).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+    scales = _div(groups.abs().amax(dim=-1), E2M1_MAX).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
     return _e2m1_codes_for_scales(groups, scales), scales
 
 
@@ -154,9 +160,9 @@ def quantize_weight_nvfp4(w: torch.Tensor):
     Returns (codes uint8 [N, K], scales float8_e4m3fn [N, K/16], alpha fp32 scalar)."""
     w = w.float()
     absmax = w.abs().amax()
-    alpha = torch.where(absmax > 0, absmax / (E2M1_MAX * E4M3_MAX), 1.0)
+    alpha = torch.where(absmax > 0, _div(absmax, E2M1_MAX * E4M3_MAX), 1.0)
     groups = _grouped(w / alpha, NVFP4_GROUP)
-    scales = (groups.abs().amax(dim=-1) / E2M1_MAX).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
+    scales = _div(groups.abs().amax(dim=-1), E2M1_MAX).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
     return _e2m1_codes_for_scales(groups, scales), scales, alpha
 
 
@@ -171,7 +177,7 @@ def quantize_weight_w4a16(w: torch.Tensor, scale_dtype: torch.dtype):
     Returns (codes uint8 [N, K], scales [N, K/64], zeros [N, K/64])."""
     groups = _grouped(w.float(), W4A16_GROUP)
     lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
-    scales = ((hi - lo) / 15.0).to(scale_dtype)
+    scales = _div(hi - lo, 15.0).to(scale_dtype)
     zeros = lo.to(scale_dtype)
     codes = _codes_for_scales(groups - zeros.float().unsqueeze(-1), scales, 0, 15)
     return codes.to(torch.uint8), scales, zeros

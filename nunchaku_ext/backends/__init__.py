@@ -5,6 +5,7 @@ import importlib
 
 _MODULES = {
     "reference": "nunchaku_ext.backends.reference",
+    "cuda": "nunchaku_ext.backends.cuda",
 }
 
 

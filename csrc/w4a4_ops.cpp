@@ -1,0 +1,154 @@
+// Torch bindings for the W4A4 INT8-MMA kernels: argument checks, allocation, stream, launch.
+// The layouts are documented in w4a4_int8.cu; the weight repack (file -> fragment layout) is done
+// once per layer and device in nunchaku_ext/backends/cuda.py with plain torch ops.
+#include <torch/extension.h>
+// c10 only (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE headers a minimal toolkit lacks)
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "w4a4_int8.h"
+
+namespace {
+
+void check_cuda_error(cudaError_t e, const char* what) {
+  TORCH_CHECK(e == cudaSuccess, "svdq cuda: ", what, " failed: ", cudaGetErrorString(e),
+              e == cudaErrorNoKernelImageForDevice || e == cudaErrorInvalidDeviceFunction
+                  ? " (the extension was not built for this GPU's architecture: rebuild it, e.g. clear the "
+                    "comfyui-svdquant kernel cache)"
+                  : "");
+}
+
+void check_f32(const at::Tensor& t, const char* name, std::vector<int64_t> shape, const at::Device& dev) {
+  TORCH_CHECK(t.device() == dev, name, " must be on ", dev, ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), name, " has shape ", t.sizes(), ", expected ",
+              at::IntArrayRef(shape));
+}
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// x [M, K] bf16/fp16 (row stride multiple of 4, unit column stride), smooth fp32 [K],
+// lora_down fp32 [R, K]. Returns (act_packed int32 [M_pad/16, K/64, 32, 4], act_scales fp32
+// [K/64, M_pad], lora_act fp32 [M_pad, R16]) with M_pad = M rounded up to the GEMM block tile.
+// Optional outputs (tests pass NaN/garbage-filled ones so that an element the kernel fails to write
+// cannot pass by reusing memory that happened to hold the right value).
+std::vector<at::Tensor> quantize_act_lora_down(const at::Tensor& x, const at::Tensor& smooth,
+                                               const at::Tensor& lora_down, bool act_unsigned,
+                                               c10::optional<at::Tensor> act_packed_out,
+                                               c10::optional<at::Tensor> act_scales_out,
+                                               c10::optional<at::Tensor> lora_act_out) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2, "x must be a 2-D CUDA tensor");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "x must be bfloat16 or float16, got ", x.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % svdq::kGroup == 0 && K > 0, "in_features ", K, " is not a positive multiple of 64");
+  TORCH_CHECK(x.stride(1) == 1 && x.stride(0) % 4 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 8 == 0,
+              "x needs unit column stride, a row stride divisible by 4 and 8-byte alignment");
+  TORCH_CHECK(M > 0 && M < (int64_t(1) << 31) - svdq::kGemmBlockM, "bad number of rows ", M);
+  const at::Device dev = x.device();
+  const int64_t R = lora_down.size(0);
+  check_f32(smooth, "smooth", {K}, dev);
+  check_f32(lora_down, "lora_down", {R, K}, dev);
+  const int64_t M_pad = round_up(M, svdq::kGemmBlockM), G = K / svdq::kGroup, R16 = round_up(R, 16);
+  TORCH_CHECK(R <= 1280, "rank ", R, " is too large for the quantize kernel (max 1280: its fp32 accumulator "
+              "of 16 rows x rank must fit in shared memory on every supported GPU)");
+
+  const c10::cuda::CUDAGuard guard(dev);
+  auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor act_packed = act_packed_out ? *act_packed_out : at::empty({M_pad / 16, G, 32, 4}, x.options().dtype(at::kInt));
+  at::Tensor act_scales = act_scales_out ? *act_scales_out : at::empty({G, M_pad}, f32);
+  at::Tensor lora_act = lora_act_out ? *lora_act_out : at::empty({M_pad, R16}, f32);
+  TORCH_CHECK(act_packed.device() == dev && act_packed.scalar_type() == at::kInt && act_packed.is_contiguous() &&
+                  act_packed.sizes() == at::IntArrayRef({M_pad / 16, G, 32, 4}),
+              "act_packed_out must be int32 [M_pad/16, K/64, 32, 4]");
+  check_f32(act_scales, "act_scales_out", {G, M_pad}, dev);
+  check_f32(lora_act, "lora_act_out", {M_pad, R16}, dev);
+
+  svdq::QuantizeArgs a;
+  a.x = x.data_ptr();
+  a.ldx = x.stride(0);
+  a.smooth = smooth.data_ptr<float>();
+  a.lora_down = lora_down.data_ptr<float>();
+  a.M = static_cast<int>(M);
+  a.K = static_cast<int>(K);
+  a.M_pad = static_cast<int>(M_pad);
+  a.R = static_cast<int>(R);
+  a.R16 = static_cast<int>(R16);
+  a.act_packed = act_packed.data_ptr();
+  a.act_scales = act_scales.data_ptr<float>();
+  a.lora_act = lora_act.data_ptr<float>();
+  check_cuda_error(svdq::launch_quantize_act_lora_down(a, x.scalar_type() == at::kBFloat16, act_unsigned,
+                                                       c10::cuda::getCurrentCUDAStream().stream()),
+                   "quantize_act_lora_down kernel");
+  return {act_packed, act_scales, lora_act};
+}
+
+// The GEMM. act_* as returned above; wgt_packed int32 [N_pad/16, K/64, 32, 4], wgt_scales fp32
+// [K/64, N_pad], lora_up fp32 [N_pad, R16], bias fp32 [N_pad]. Returns y [M, N] in out_dtype.
+at::Tensor w4a4_gemm(const at::Tensor& act_packed, const at::Tensor& act_scales, const at::Tensor& lora_act,
+                     const at::Tensor& wgt_packed, const at::Tensor& wgt_scales, const at::Tensor& lora_up,
+                     const at::Tensor& bias, int64_t M, int64_t N, bool act_unsigned, at::ScalarType out_dtype,
+                     c10::optional<at::Tensor> out_opt) {
+  TORCH_CHECK(out_dtype == at::kBFloat16 || out_dtype == at::kHalf, "output must be bfloat16 or float16");
+  TORCH_CHECK(act_packed.is_cuda() && act_packed.dim() == 4 && act_packed.scalar_type() == at::kInt,
+              "act_packed must be the int32 CUDA tensor made by quantize_act_lora_down");
+  const at::Device dev = act_packed.device();
+  const int64_t M_pad = act_packed.size(0) * 16, G = act_packed.size(1);
+  const int64_t N_pad = wgt_packed.size(0) * 16, R16 = lora_act.size(1);
+  TORCH_CHECK(M_pad % svdq::kGemmBlockM == 0 && M <= M_pad && M > M_pad - svdq::kGemmBlockM, "M ", M,
+              " does not match the packed activations");
+  TORCH_CHECK(N_pad % svdq::kGemmBlockN == 0 && N <= N_pad && N > 0, "N ", N, " does not match the packed weights");
+  TORCH_CHECK(act_packed.is_contiguous() && act_packed.size(2) == 32 && act_packed.size(3) == 4, "act_packed layout");
+  TORCH_CHECK(wgt_packed.device() == dev && wgt_packed.scalar_type() == at::kInt && wgt_packed.is_contiguous() &&
+                  wgt_packed.dim() == 4 && wgt_packed.size(1) == G && wgt_packed.size(2) == 32 && wgt_packed.size(3) == 4,
+              "wgt_packed must be int32 [N_pad/16, K/64, 32, 4] on ", dev, " with the same K as the activations");
+  check_f32(act_scales, "act_scales", {G, M_pad}, dev);
+  check_f32(lora_act, "lora_act", {M_pad, R16}, dev);
+  check_f32(wgt_scales, "wgt_scales", {G, N_pad}, dev);
+  check_f32(lora_up, "lora_up", {N_pad, R16}, dev);
+  check_f32(bias, "bias", {N_pad}, dev);
+  TORCH_CHECK(R16 % 16 == 0, "rank must be padded to a multiple of 16");
+  TORCH_CHECK(N_pad / svdq::kGemmBlockN < 65536 * 1024 && M_pad / svdq::kGemmBlockM < 65536, "problem too large");
+
+  const c10::cuda::CUDAGuard guard(dev);
+  at::Tensor out = out_opt ? *out_opt : at::empty({M, N}, act_scales.options().dtype(out_dtype));
+  TORCH_CHECK(out.device() == dev && out.scalar_type() == out_dtype && out.is_contiguous() &&
+                  out.sizes() == at::IntArrayRef({M, N}),
+              "out must be a contiguous [M, N] tensor of the output dtype");
+  svdq::GemmArgs a;
+  a.act_packed = act_packed.data_ptr();
+  a.act_scales = act_scales.data_ptr<float>();
+  a.lora_act = lora_act.data_ptr<float>();
+  a.wgt_packed = wgt_packed.data_ptr();
+  a.wgt_scales = wgt_scales.data_ptr<float>();
+  a.lora_up = lora_up.data_ptr<float>();
+  a.bias = bias.data_ptr<float>();
+  a.out = out.data_ptr();
+  a.M = static_cast<int>(M);
+  a.N = static_cast<int>(N);
+  a.M_pad = static_cast<int>(M_pad);
+  a.N_pad = static_cast<int>(N_pad);
+  a.G = static_cast<int>(G);
+  a.R16 = static_cast<int>(R16);
+  check_cuda_error(svdq::launch_w4a4_gemm(a, out_dtype == at::kBFloat16, act_unsigned, c10::cuda::getCurrentCUDAStream().stream()),
+                   "w4a4_gemm kernel");
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "ComfyUI-SVDQuant CUDA kernels (W4A4 INT4 via INT8 tensor cores)";
+  m.def("quantize_act_lora_down", &quantize_act_lora_down, "activation quantize + low-rank down (kernel A)",
+        py::arg("x"), py::arg("smooth"), py::arg("lora_down"), py::arg("act_unsigned"),
+        py::arg("act_packed_out") = py::none(), py::arg("act_scales_out") = py::none(),
+        py::arg("lora_act_out") = py::none());
+  m.def("w4a4_gemm", &w4a4_gemm, "W4A4 GEMM with fused epilogue (kernel B)", py::arg("act_packed"),
+        py::arg("act_scales"), py::arg("lora_act"), py::arg("wgt_packed"), py::arg("wgt_scales"),
+        py::arg("lora_up"), py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("act_unsigned"),
+        py::arg("out_dtype"), py::arg("out") = py::none());
+  m.attr("GEMM_BLOCK_M") = svdq::kGemmBlockM;
+  m.attr("GEMM_BLOCK_N") = svdq::kGemmBlockN;
+  m.attr("GROUP") = svdq::kGroup;
+}
