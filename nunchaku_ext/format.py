@@ -27,7 +27,7 @@ _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
-_LAYER_KEYS = {"kind", "in_features", "out_features", "bias", "rank", "act_unsigned"}
+_LAYER_KEYS = {"kind", "in_features", "out_features", "bias", "rank", "act_unsigned", "rows", "cols"}
 
 
 class CheckpointError(ValueError):
@@ -57,6 +57,8 @@ class CheckpointInfo:
             if spec.kind == "w4a4":
                 e["rank"] = spec.rank
                 e["act_unsigned"] = spec.act_unsigned
+            if spec.part:
+                e[spec.part[0]] = list(spec.part[1:])
             return e
 
         return {
@@ -70,6 +72,14 @@ class CheckpointInfo:
             "model_config": json.dumps(self.model_config, sort_keys=True),
             "layers": json.dumps({name: entry(s) for name, s in sorted(self.layers.items())}),
         }
+
+    def modules(self) -> dict:
+        """Model linear name -> {part name: LayerSpec}; a whole layer is the single part ""."""
+        modules = {}
+        for name, spec in self.layers.items():
+            module, part = name.rpartition(".")[::2] if spec.part else (name, "")
+            modules.setdefault(module, {})[part] = spec
+        return modules
 
     def expected_tensors(self) -> dict:
         """Full tensor name -> TensorSpec for every tensor the declared layers own."""
@@ -118,9 +128,46 @@ def _parse_layer(path, name, entry, rank):
         _fail(path, f"layer '{name}': in_features and out_features must be positive")
     if entry["kind"] == "w4a16" and ("rank" in entry or "act_unsigned" in entry):
         _fail(path, f"layer '{name}': a w4a16 layer has no 'rank' or 'act_unsigned'")
+    part = ()
+    if "rows" in entry or "cols" in entry:
+        if "rows" in entry and "cols" in entry:
+            _fail(path, f"layer '{name}': a part splits 'rows' or 'cols', not both")
+        mode = "rows" if "rows" in entry else "cols"
+        span = entry[mode]
+        if not (isinstance(span, list) and len(span) == 2 and all(type(v) is int for v in span)
+                and 0 <= span[0] < span[1]):
+            _fail(path, f"layer '{name}': '{mode}' must be [start, stop] with 0 <= start < stop, got {span!r}")
+        if "." not in name:
+            _fail(path, f"layer '{name}': a part's name must be '<linear>.<part>'")
+        if span[1] - span[0] != entry["out_features" if mode == "rows" else "in_features"]:
+            _fail(path, f"layer '{name}': '{mode}' {span} does not span its "
+                        f"{'out_features' if mode == 'rows' else 'in_features'}")
+        part = (mode, *span)
     return LayerSpec(entry["kind"], entry["in_features"], entry["out_features"], entry["bias"],
                      entry.get("rank", rank) if entry["kind"] == "w4a4" else 0,
-                     entry.get("act_unsigned", False))
+                     entry.get("act_unsigned", False), part)
+
+
+def _check_split_linears(path, info):
+    """The parts of each split linear must all split the same way and tile it exactly."""
+    for module, parts in info.modules().items():
+        if "" in parts:
+            if len(parts) > 1:
+                _fail(path, f"'{module}' is declared both whole and split into parts")
+            continue
+        mode = {spec.part[0] for spec in parts.values()}
+        if len(mode) > 1:
+            _fail(path, f"the parts of '{module}' mix 'rows' and 'cols'")
+        mode = mode.pop()
+        shared = "in_features" if mode == "rows" else "out_features"
+        if len({getattr(spec, shared) for spec in parts.values()}) > 1:
+            _fail(path, f"the parts of '{module}' split {mode} but differ in {shared}")
+        end = 0
+        for name, spec in sorted(parts.items(), key=lambda p: p[1].part[1]):
+            if spec.part[1] != end:
+                _fail(path, f"the parts of '{module}' do not tile its {mode}: '{module}.{name}' starts at "
+                            f"{spec.part[1]}, expected {end}")
+            end = spec.part[2]
 
 
 def info_from_metadata(path, meta: dict) -> CheckpointInfo:
@@ -156,6 +203,7 @@ def info_from_metadata(path, meta: dict) -> CheckpointInfo:
         except ValueError as e:
             _fail(path, f"layer '{name}': {e}")
         info.layers[name] = spec
+    _check_split_linears(path, info)
     return info
 
 
@@ -166,6 +214,7 @@ def _describe(t: TensorSpec) -> str:
 def check_tensors(path, info: CheckpointInfo, tensors: dict):
     """Check a name -> TensorSpec map against what `info` declares; raise one error listing every problem."""
     expected = info.expected_tensors()
+    split = {module for module, parts in info.modules().items() if "" not in parts}
     problems = []
     for name, want in expected.items():
         have = tensors.get(name)
@@ -181,6 +230,8 @@ def check_tensors(path, info: CheckpointInfo, tensors: dict):
             kind = info.layers[owner].kind
             problems.append(f"unexpected tensor '{name}': a {kind} layer owns only "
                             + ", ".join(s.rpartition(".")[2] for s in expected if s.startswith(owner + ".")))
+        elif owner in split:
+            problems.append(f"unexpected tensor '{name}': '{owner}' is split into quantized parts")
         elif suffix in QUANTIZED_SUFFIXES:
             problems.append(f"unexpected tensor '{name}': '{owner}' is not declared in metadata 'layers'")
         elif not have.dtype.is_floating_point:

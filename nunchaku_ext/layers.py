@@ -32,6 +32,10 @@ class LayerSpec:
     bias: bool
     rank: int = 0  # w4a4 only: rows of lora_down
     act_unsigned: bool = False  # w4a4 int4 only
+    # A part of a split linear (SplitLinear): ("rows", start, stop) computes those output rows of
+    # the module its name's prefix names; ("cols", start, stop) takes those input columns, and the
+    # parts' outputs are summed. Empty for a whole layer.
+    part: tuple = ()
 
     def tensor_specs(self, precision: str, dtype: torch.dtype) -> dict:
         """Name suffix -> TensorSpec of every tensor this layer owns. The one schema that both the
@@ -170,3 +174,44 @@ def make_layer(spec: LayerSpec, precision: str, dtype=torch.bfloat16, device=Non
     if spec.kind == "w4a16":
         return W4A16Linear(spec.in_features, spec.out_features, bias=spec.bias, dtype=dtype, device=device)
     raise ValueError(f"unknown layer kind {spec.kind!r}; known: w4a4, w4a16")
+
+
+class SplitLinear(torch.nn.Module):
+    """One linear of the model computed by several quantized layers, each with its own smoothing
+    and format: mode "rows" concatenates the parts' outputs (Nunchaku quantizes a FLUX single
+    block's linear1 as attention rows and MLP rows), mode "cols" gives each part its slice of the
+    input and sums their outputs (linear2: attention columns, signed; MLP columns, unsigned)."""
+
+    def __init__(self, mode: str, parts: dict):
+        """parts: part name -> (start, stop, module), the spans tiling [0, total) in order."""
+        super().__init__()
+        if mode not in ("rows", "cols"):
+            raise ValueError(f"split mode must be 'rows' or 'cols', got {mode!r}")
+        self.mode = mode
+        self.spans = {}
+        for name, (start, stop, module) in sorted(parts.items(), key=lambda p: p[1][0]):
+            self.spans[name] = (start, stop)
+            self.add_module(name, module)
+        first = next(iter(self.children()))
+        total = max(stop for _, stop in self.spans.values())
+        self.in_features = first.in_features if mode == "rows" else total
+        self.out_features = total if mode == "rows" else first.out_features
+
+    def forward(self, x):
+        parts = [(self.get_submodule(name), span) for name, span in self.spans.items()]
+        if self.mode == "rows":
+            return torch.cat([module(x) for module, _ in parts], dim=-1)
+        y = sum(module(x[..., start:stop]).float() for module, (start, stop) in parts)
+        return y.to(x.dtype)
+
+
+def make_module(parts: dict, precision: str, dtype=torch.bfloat16, device=None) -> torch.nn.Module:
+    """The module for one linear of the model: parts maps part name -> LayerSpec, with the single
+    key "" for a whole layer (CheckpointInfo.modules() gives this map)."""
+    if set(parts) == {""}:
+        return make_layer(parts[""], precision, dtype, device)
+    mode = {spec.part[0] for spec in parts.values()}
+    if len(mode) != 1:
+        raise ValueError(f"parts of one linear must all split rows or all split columns, got {sorted(mode)}")
+    return SplitLinear(mode.pop(), {name: (spec.part[1], spec.part[2], make_layer(spec, precision, dtype, device))
+                                    for name, spec in parts.items()})

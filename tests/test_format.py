@@ -1,4 +1,5 @@
 """Checkpoint format: round trips, a file written from docs/format.md alone, and every bad-input error."""
+import dataclasses
 import json
 import pickle
 
@@ -8,7 +9,7 @@ from safetensors.torch import save_file
 
 from nunchaku_ext import format as fmt
 from nunchaku_ext.format import CheckpointError, CheckpointInfo
-from nunchaku_ext.layers import make_layer
+from nunchaku_ext.layers import make_layer, make_module
 from nunchaku_ext.numerics import pack_4bit
 from nunchaku_ext.quantize import quantize_w4a4, quantize_w4a16
 
@@ -202,3 +203,64 @@ def test_writer_refuses_an_invalid_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="'blocks.0.qkv.smooth' is missing"):
         fmt.save_checkpoint(tmp_path / "x.safetensors", info, tensors)
     assert not list(tmp_path.iterdir())
+
+
+def split_checkpoint():
+    """linear1 split by rows (two parts, one unsigned-free), linear2 split by columns."""
+    g = torch.Generator().manual_seed(7)
+    w1, b1 = torch.randn(80, 64, generator=g), torch.randn(80, generator=g)
+    w2, b2 = torch.randn(32, 192, generator=g), torch.randn(32, generator=g)
+    parts = {
+        "blk.linear1.qkv": (quantize_w4a4(w1[:48], b1[:48], 4), ("rows", 0, 48)),
+        "blk.linear1.mlp": (quantize_w4a4(w1[48:], b1[48:], 8), ("rows", 48, 80)),
+        "blk.linear2.attn": (quantize_w4a4(w2[:, :64], b2, 4), ("cols", 0, 64)),
+        "blk.linear2.mlp": (quantize_w4a4(w2[:, 64:], None, 4, act_unsigned=True), ("cols", 64, 192)),
+    }
+    specs = {name: dataclasses.replace(layer.spec(), part=part) for name, (layer, part) in parts.items()}
+    tensors = {f"{name}.{k}": t for name, (layer, _) in parts.items() for k, t in layer.state_dict().items()}
+    info = CheckpointInfo("int4", 4, torch.bfloat16, "flux.1", {}, specs)
+    return info, tensors, (w1, b1, w2, b2)
+
+
+def test_split_linears_round_trip_and_compute_the_whole_linear(tmp_path):
+    info, tensors, (w1, b1, w2, b2) = split_checkpoint()
+    path = tmp_path / "split.safetensors"
+    fmt.save_checkpoint(path, info, tensors)
+    got_info, got = fmt.load_checkpoint(path)
+    assert got_info == info
+    modules = got_info.modules()
+    assert set(modules) == {"blk.linear1", "blk.linear2"} and set(modules["blk.linear1"]) == {"qkv", "mlp"}
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    h = torch.nn.functional.gelu(torch.randn(5, 192), approximate="tanh").bfloat16()
+    for name, dense, inp in (("blk.linear1", lambda v: v @ w1.T + b1, x), ("blk.linear2", lambda v: v @ w2.T + b2, h)):
+        module = make_module(modules[name], "int4", device="meta").to_empty(device="cpu")
+        module.load_state_dict({k[len(name) + 1:]: v for k, v in got.items() if k.startswith(name + ".")})
+        y = module(inp)
+        assert y.shape == (5, module.out_features) and y.dtype == torch.bfloat16
+        ref = dense(inp.float())
+        assert float((y.float() - ref).norm() / ref.norm()) < 0.2
+        # exactly the parts' outputs, concatenated (rows) or summed (columns)
+        parts = {p: module.get_submodule(p) for p in module.spans}
+        if module.mode == "rows":
+            assert torch.equal(y, torch.cat([parts["qkv"](inp), parts["mlp"](inp)], -1))
+        else:
+            want = parts["attn"](inp[:, :64]).float() + parts["mlp"](inp[:, 64:]).float()
+            assert torch.equal(y, want.bfloat16())
+
+
+def test_split_linear_errors(tmp_path):
+    info, tensors, _ = split_checkpoint()
+    bad = dict(info.layers)
+    bad["blk.linear1.mlp"] = dataclasses.replace(bad["blk.linear1.mlp"], part=("rows", 50, 82))
+    expect_error(saved(tmp_path, dataclasses.replace(info, layers=bad), tensors),
+                 "do not tile its rows: 'blk.linear1.mlp' starts at 50, expected 48")
+    bad = dict(info.layers)
+    bad["blk.linear2.mlp"] = dataclasses.replace(bad["blk.linear2.mlp"], part=("rows", 64, 100))
+    expect_error(saved(tmp_path, dataclasses.replace(info, layers=bad), tensors), "'rows' [64, 100] does not span")
+    bad["blk.linear2.mlp"] = dataclasses.replace(bad["blk.linear2.mlp"], part=("rows", 32, 64))
+    expect_error(saved(tmp_path, dataclasses.replace(info, layers=bad), tensors), "the parts of 'blk.linear2' mix")
+    extra = dict(tensors, **{"blk.linear1.weight": torch.zeros(80, 64)})
+    expect_error(saved(tmp_path, info, extra), "'blk.linear1' is split into quantized parts")
+    whole = dict(info.layers, **{"blk.linear1": fmt.LayerSpec("w4a4", 64, 80, True, 4)})
+    expect_error(saved(tmp_path, dataclasses.replace(info, layers=whole), tensors),
+                 "'blk.linear1' is declared both whole and split")
