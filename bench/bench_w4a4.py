@@ -49,7 +49,8 @@ def main():
     ap.add_argument("--rank", type=int, default=32)
     args = ap.parse_args()
     ext = cuda_build.load()
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    path = cuda_backend.mma_path(torch.device("cuda", torch.cuda.current_device())).name
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  mma path {path}")
     print(f"{'M x N x K':>20} {'bf16 F.linear':>14} {'w4a4 total':>11} {'quant+down':>11} {'gemm':>8} "
           f"{'speed vs bf16':>13} {'w4a4 TOPS':>9}")
     for shape in args.shapes.split(","):
@@ -60,11 +61,13 @@ def main():
         xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
         t_bf16 = median_ms(lambda x: F.linear(x, w, b), xs)
         t_total = median_ms(lambda x: cuda_backend.forward(layer, x), xs)
-        prep = cuda_backend.prepare(layer, "cuda")
-        t_quant = median_ms(lambda x: ext.quantize_act_lora_down(x, prep.smooth, prep.lora_down, False), xs)
-        qs = [ext.quantize_act_lora_down(x, prep.smooth, prep.lora_down, False) for x in xs]
+        device = torch.device("cuda", torch.cuda.current_device())
+        path = cuda_backend.mma_path(device)
+        prep = cuda_backend.prepare(layer, device, path)
+        t_quant = median_ms(lambda x: ext.quantize_act_lora_down(x, prep.smooth, prep.lora_down, False, path.name), xs)
+        qs = [ext.quantize_act_lora_down(x, prep.smooth, prep.lora_down, False, path.name) for x in xs]
         t_gemm = median_ms(lambda q: ext.w4a4_gemm(*q, prep.wgt_packed, prep.wgt_scales, prep.lora_up, prep.bias,
-                                                   M, N, False, torch.bfloat16), qs)
+                                                   M, N, False, path.name, torch.bfloat16), qs)
         tops = 2 * M * N * K / t_total / 1e9
         print(f"{shape:>20} {t_bf16:>11.3f} ms {t_total:>8.3f} ms {t_quant:>8.3f} ms {t_gemm:>5.3f} ms "
               f"{t_bf16 / t_total:>12.2f}x {tops:>9.0f}")

@@ -18,12 +18,22 @@
 // in int8, and a 64-group's dot product (|sum| <= 64*8*15) is exact in int32, so the group sums
 // are bit-identical to the spec's; only the fp32 accumulation order across groups differs.
 //
+// The GEMM is one template over the MMA flavour (a policy struct: its packed layout, how a packed
+// word becomes fragment registers, and the group's MMA chain); kernel A is a template over the
+// flavour's layout. The host picks the flavour per GPU (MmaPath in w4a4_int8.h):
+//   MmaS8m16n8k32  (below; interleaved-nibble layout)   sm_90, sm_120 and newer
+//   MmaS4m16n8k64  (w4a4_s4.cuh; native s4 layout)      sm_80, sm_86, sm_89
+//   MmaS4m8n8k32   (w4a4_s4.cuh; native s4 layout)      sm_75
+//   MmaE2M1S8m16n8k16 (w4a4_nvfp4.cuh; NVFP4 files: 16-wide groups, E2M1 codes)  sm_80 and newer
+// All give the same group sums, hence the same outputs bit for bit.
+//
 // This file holds no torch headers on purpose: it is compiled once per target arch, and keeping it
 // small keeps the all-arch build short. Tensor checks and allocation live in w4a4_ops.cpp.
 //
 // ------------------------------------------------------------------------------------------------
-// The fragment layout (shared by the activation packer in kernel A and the weight repack done once
-// at load in nunchaku_ext/backends/cuda.py; the two MUST agree, tests check both against the spec).
+// The interleaved-nibble fragment layout of the INT8 flavour (shared by the activation packer in
+// kernel A and the weight repack done once at load in nunchaku_ext/backends/cuda.py; the two MUST
+// agree, tests check both against the spec). The s4 flavours' layout is in w4a4_s4.cuh.
 //
 // mma.sync.m16n8k32 .s8 register fragments (PTX ISA, "Matrix Fragments for mma.m16n8k32"), with
 // lane = 4*gid + tid (gid = lane/4 in 0..7, tid = lane%4 in 0..3):
@@ -64,6 +74,8 @@
 #include <stdint.h>
 
 #include "w4a4_int8.h"
+#include "w4a4_s4.cuh"
+#include "w4a4_nvfp4.cuh"
 
 namespace svdq {
 
@@ -111,18 +123,58 @@ __device__ __forceinline__ void mma_s8_m16n8k32(int32_t (&d)[4], const uint32_t 
       : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #else
-  // Never reached: the host refuses GPUs below sm_80 before any launch.
+  // Never reached: the host selects the INT8 flavour only on sm_80 and newer.
   __trap();
 #endif
 }
+
+// Where kernel A puts the 32 codes a lane packs per 16x64 group, for a layout L. For each of its two
+// rows (h = 0: row gid, h = 1: row gid+8) a lane holds four runs of 4 consecutive k; run j starts at
+// L::run_k(j, tid) within the group, and code b of run j goes to bits L::shift(j, b, h) of word
+// L::word(j, h) of the lane's uint4. This one is the interleaved layout described above.
+struct InterleavedNibbleLayout {
+  static __device__ __forceinline__ int run_k(int j, int tid) { return 16 * j + 4 * tid; }
+  static __device__ __forceinline__ int word(int j, int /*h*/) { return j; }
+  static __device__ __forceinline__ int shift(int /*j*/, int b, int h) { return 8 * b + 4 * h; }
+};
+
+// The INT8 flavour: nibbles expanded to int8 registers, two k32 MMAs per group. Unsigned codes
+// [0, 15] are non-negative int8, so s8.s8 serves both activation kinds.
+struct MmaS8m16n8k32 {
+  using Layout = InterleavedNibbleLayout;
+  static constexpr int kMinBlocksPerSm = 0;  // __launch_bounds__: 0 leaves the register budget to ptxas
+  struct AFrag { uint32_t k32[2][4]; };  // the A registers of the group's two k32 MMAs
+  struct BFrag { uint32_t k32[2][2]; };  // b0, b1 of each
+  template <bool kActUnsigned>
+  static __device__ __forceinline__ AFrag a_frag(uint4 w) {
+    AFrag f;
+    unpack_nibbles_to_s8<kActUnsigned>(w.x, f.k32[0][0], f.k32[0][1]);
+    unpack_nibbles_to_s8<kActUnsigned>(w.y, f.k32[0][2], f.k32[0][3]);
+    unpack_nibbles_to_s8<kActUnsigned>(w.z, f.k32[1][0], f.k32[1][1]);
+    unpack_nibbles_to_s8<kActUnsigned>(w.w, f.k32[1][2], f.k32[1][3]);
+    return f;
+  }
+  static __device__ __forceinline__ BFrag b_frag(uint32_t w0, uint32_t w1) {  // weights are signed
+    BFrag f;
+    unpack_nibbles_to_s8<false>(w0, f.k32[0][0], f.k32[0][1]);
+    unpack_nibbles_to_s8<false>(w1, f.k32[1][0], f.k32[1][1]);
+    return f;
+  }
+  template <bool kActUnsigned>
+  static __device__ __forceinline__ void group_dot(int32_t (&sum)[4], const AFrag& a, const BFrag& b) {
+    mma_s8_m16n8k32(sum, a.k32[0], b.k32[0][0], b.k32[0][1]);
+    mma_s8_m16n8k32(sum, a.k32[1], b.k32[1][0], b.k32[1][1]);
+  }
+};
 
 // ================================================================================================
 // Kernel A: activation quantization + low-rank down projection.
 //
 // One block owns 16 rows (one m16 tile) and walks K in chunks of 8 groups (512 columns):
 //   phase 1  warp w quantizes group (chunk + w) of the 16 rows. Lane (gid, tid) loads exactly the
-//            32 values it must pack (rows gid and gid+8, k = 16*j + tid*4 + b), so the packed word
-//            is built in registers and stored as one coalesced 16-byte write per lane. The 4 lanes
+//            32 values it must pack (rows gid and gid+8, k = Layout::run_k(j, tid) + b: the GEMM
+//            flavour's layout), so the packed word is built in registers and stored as one
+//            coalesced 16-byte write per lane. The 4 lanes
 //            sharing a gid hold one row's group between them: a 2-step shuffle gives the absmax.
 //            The raw x values also go to shared memory for phase 2.
 //   phase 2  warp w computes the chunk's partial x . lora_down[r]^T for ranks r = w, w+8, ...:
@@ -138,7 +190,7 @@ constexpr int kQuantChunkGroups = kQuantWarps;          // one group per warp pe
 constexpr int kQuantChunkK = kQuantChunkGroups * kGroup;  // 512 columns
 constexpr int kQuantSmemPad = 8;                          // elements; keeps rows 16-byte aligned
 
-template <typename InT, bool kUnsigned>
+template <typename InT, bool kUnsigned, typename Layout>
 __global__ void __launch_bounds__(kQuantThreads)
 quantize_act_lora_down_kernel(const InT* __restrict__ x, int64_t ldx, const float* __restrict__ smooth,
                               const float* __restrict__ lora_down, int M, int K, int M_pad, int R, int R16,
@@ -151,7 +203,8 @@ quantize_act_lora_down_kernel(const InT* __restrict__ x, int64_t ldx, const floa
   const int gid = lane / 4, tid = lane % 4;
   const int mtile = blockIdx.x;
   const int row_base = mtile * kQuantRows;
-  const int G = K / kGroup;
+  const int G = (K + kGroup - 1) / kGroup;  // NVFP4: K is a multiple of 16; the last chunk is zero-padded
+  constexpr int kScaleGroups = ScaleGroupsOf<Layout>::value;  // per 64 columns: 1 (INT4) or 4 (NVFP4)
 
   for (int i = threadIdx.x; i < R * kQuantRows; i += kQuantThreads) lora_acc[i] = 0.f;
 
@@ -166,17 +219,18 @@ quantize_act_lora_down_kernel(const InT* __restrict__ x, int64_t ldx, const floa
     // ---------------- phase 1: quantize one 16x64 group per warp
     if (warp < chunk_groups) {
       const int g = g0 + warp;
-      float xs[2][4][4];  // [row half][j][b]: smoothed values at k = g*64 + 16j + tid*4 + b
+      float xs[2][4][4];  // [row half][run j][b]: smoothed values at k = g*64 + Layout::run_k(j, tid) + b
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const int k = g * kGroup + 16 * j + tid * 4;
-        const float4 sm = *reinterpret_cast<const float4*>(smooth + k);
+        const int k = g * kGroup + Layout::run_k(j, tid);
+        const bool k_valid = k < K;  // a run of 4 never straddles K (a multiple of 16)
+        const float4 sm = k_valid ? *reinterpret_cast<const float4*>(smooth + k) : make_float4(1.f, 1.f, 1.f, 1.f);
         const float smv[4] = {sm.x, sm.y, sm.z, sm.w};
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           uint2 raw = make_uint2(0u, 0u);  // 4 values of InT (2 bytes each)
-          if (row_valid[h]) raw = __ldg(reinterpret_cast<const uint2*>(x + rows[h] * ldx + k));
-          *reinterpret_cast<uint2*>(&x_raw[gid + 8 * h][warp * kGroup + 16 * j + tid * 4]) = raw;
+          if (row_valid[h] && k_valid) raw = __ldg(reinterpret_cast<const uint2*>(x + rows[h] * ldx + k));
+          *reinterpret_cast<uint2*>(&x_raw[gid + 8 * h][warp * kGroup + Layout::run_k(j, tid)]) = raw;
           const InT* v = reinterpret_cast<const InT*>(&raw);
 #pragma unroll
           for (int b = 0; b < 4; ++b) {
@@ -188,53 +242,70 @@ quantize_act_lora_down_kernel(const InT* __restrict__ x, int64_t ldx, const floa
         }
       }
 
-      float scale[2];
+      // Per scale group (INT4: the whole 64-group, all runs; NVFP4: run j = s, 16 columns): the row's
+      // scale, then its codes. One group at a time keeps few values live.
+      uint32_t words[4] = {0u, 0u, 0u, 0u};
+      float my_scale[2] = {0.f, 0.f};  // the scale this lane stores per row half: scale group tid
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        // Signed: absmax. Unsigned: max clamped at 0 (numerics.quantize_act_int4).
-        float amax = 0.f;
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-          for (int b = 0; b < 4; ++b) amax = fmaxf(amax, kUnsigned ? xs[h][j][b] : fabsf(xs[h][j][b]));
-        // The 4 lanes of this gid (lanes 4*gid .. 4*gid+3) hold the row's 64 values.
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-        scale[h] = __fdiv_rn(amax, kUnsigned ? 15.f : 7.f);
-      }
-
-      uint32_t words[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        uint32_t w = 0;
+      for (int s = 0; s < kScaleGroups; ++s) {
+        float scale[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
+          // Signed: absmax. Unsigned: max clamped at 0 (numerics.quantize_act_int4).
+          float amax = 0.f;
 #pragma unroll
-          for (int b = 0; b < 4; ++b) {
-            // code = round_half_even(xs / scale) (IEEE division), clamped; scale 0 -> code 0.
-            float q = 0.f;
-            if (scale[h] > 0.f) {
-              q = rintf(__fdiv_rn(xs[h][j][b], scale[h]));
-              q = kUnsigned ? fminf(fmaxf(q, 0.f), 15.f) : fminf(fmaxf(q, -7.f), 7.f);
+          for (int j = 0; j < 4; ++j) {
+            if (kScaleGroups > 1 && j != s) continue;
+#pragma unroll
+            for (int b = 0; b < 4; ++b) amax = fmaxf(amax, kUnsigned ? xs[h][j][b] : fabsf(xs[h][j][b]));
+          }
+          // The 4 lanes of this gid (lanes 4*gid .. 4*gid+3) hold the row's group between them.
+          amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+          amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+          if constexpr (kE2M1Codes<Layout>)
+            scale[h] = nvfp4_group_scale(amax);
+          else
+            scale[h] = __fdiv_rn(amax, kUnsigned ? 15.f : 7.f);
+          if (tid == s) my_scale[h] = scale[h];
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (kScaleGroups > 1 && j != s) continue;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+#pragma unroll
+            for (int b = 0; b < 4; ++b) {
+              uint32_t nibble;
+              if constexpr (kE2M1Codes<Layout>) {
+                nibble = e2m1_code(xs[h][j][b], scale[h]);
+              } else {
+                // code = round_half_even(xs / scale) (IEEE division), clamped; scale 0 -> code 0.
+                float q = 0.f;
+                if (scale[h] > 0.f) {
+                  q = rintf(__fdiv_rn(xs[h][j][b], scale[h]));
+                  q = kUnsigned ? fminf(fmaxf(q, 0.f), 15.f) : fminf(fmaxf(q, -7.f), 7.f);
+                }
+                nibble = static_cast<uint32_t>(static_cast<int>(q)) & 0xFu;
+              }
+              words[Layout::word(j, h)] |= nibble << Layout::shift(j, b, h);
             }
-            const uint32_t nibble = static_cast<uint32_t>(static_cast<int>(q)) & 0xFu;
-            w |= nibble << (8 * b + 4 * h);  // nibble 2b (row gid) / 2b+1 (row gid+8)
           }
         }
-        words[j] = w;
       }
       act_packed[(static_cast<int64_t>(mtile) * G + g) * 32 + lane] = make_uint4(words[0], words[1], words[2], words[3]);
-      if (tid == 0) {
-        act_scales[static_cast<int64_t>(g) * M_pad + rows[0]] = scale[0];
-        act_scales[static_cast<int64_t>(g) * M_pad + rows[1]] = scale[1];
+      // Every lane of a row computed all its scales; lane tid stores scale group tid.
+      if (tid < kScaleGroups) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          act_scales[(static_cast<int64_t>(g) * kScaleGroups + tid) * M_pad + rows[h]] = my_scale[h];
       }
     }
     __syncthreads();  // x_raw complete
 
     // ---------------- phase 2: partial low-rank down product over this chunk
-    const int chunk_k = chunk_groups * kGroup;
+    const int chunk_k = min(chunk_groups * kGroup, K - g0 * kGroup);
     for (int r = warp; r < R; r += kQuantWarps) {
-      // Lane covers chunk columns lane*8 .. +7 and 256 + lane*8 .. +7 (chunk_k is a multiple of 64,
+      // Lane covers chunk columns lane*8 .. +7 and 256 + lane*8 .. +7 (chunk_k is a multiple of 16,
       // so a lane's 8 columns are all in range or all out).
       float d[2][8];
 #pragma unroll
@@ -280,13 +351,14 @@ quantize_act_lora_down_kernel(const InT* __restrict__ x, int64_t ldx, const floa
 }
 
 // ================================================================================================
-// Kernel B: W4A4 GEMM, INT8 tensor cores, fused epilogue.
+// Kernel B: W4A4 GEMM, integer tensor cores (flavour Mma), fused epilogue.
 //
 // Block tile 128 x 128, 8 warps as 4 (rows) x 2 (cols); warp tile 32 x 64 = 2 x 8 mma tiles.
 // Per 64-group every warp loads its fragments straight from global memory (the packed layouts make
 // each a 16-byte coalesced load; warps sharing a row/col band hit L1), double-buffered in registers:
-// group g+1 is in flight while group g is multiplied. Per group and mma tile: two k32 MMAs into a
-// zeroed int32 accumulator (exact), then acc += (float(sum) * sx) * sw in fp32, the spec's order.
+// group g+1 is in flight while group g is multiplied. Per group and 16x8 tile: the flavour's MMA
+// chain over the 64 k (INT8: two k32 MMAs; s4: one k64, or four m8n8k32 on Turing) into a zeroed
+// int32 accumulator (exact), then acc += (float(sum) * sx) * sw in fp32, the spec's order.
 // Epilogue: acc += lora_act . lora_up^T (fp32, staged through shared memory 16 ranks at a time),
 // + bias, one rounding to the output dtype, guarded stores (rows < M, cols < N).
 // ================================================================================================
@@ -300,13 +372,14 @@ static_assert(kGemmBlockM == kGemmWarpsM * kWarpM, "block tile M");
 static_assert(kGemmBlockN == kGemmWarpsN * kWarpN, "block tile N");
 constexpr int kLoraChunk = 16;  // ranks staged in shared memory at a time
 
-template <typename OutT, bool kActUnsigned>
-__global__ void __launch_bounds__(kGemmThreads)
+template <typename OutT, bool kActUnsigned, typename Mma>
+__global__ void __launch_bounds__(kGemmThreads, Mma::kMinBlocksPerSm)
 w4a4_gemm_kernel(const uint4* __restrict__ act_packed, const float* __restrict__ act_scales,
                  const float* __restrict__ lora_act, const uint4* __restrict__ wgt_packed,
                  const float* __restrict__ wgt_scales, const float* __restrict__ lora_up,
                  const float* __restrict__ bias, OutT* __restrict__ out, int M, int N, int M_pad, int N_pad,
-                 int G, int R16) {
+                 int G, int R16, float alpha, const float* __restrict__ channel_scale) {
+  constexpr int kScaleGroups = ScaleGroupsOf<Mma>::value;  // per 64-k chunk: 1 (INT4) or 4 (NVFP4)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int gid = lane / 4, tid = lane % 4;
   const int warp_m = warp / kGemmWarpsN, warp_n = warp % kGemmWarpsN;
@@ -342,47 +415,43 @@ w4a4_gemm_kernel(const uint4* __restrict__ act_packed, const float* __restrict__
 #pragma unroll
     for (int p = 0; p < kWarpTilesN / 2; ++p) b_next[p] = __ldg(b_src + p * a_tile_stride + g_next * 32);
 
-    // This group's scales: sx for the lane's 4 rows, sw for its 16 columns.
-    float sx[kWarpTilesM][2];
+    // The packed words as the flavour's fragment registers (INT8: nibbles expanded to bytes), once
+    // per group and tile, outside the i x j MMA loop. A pair's words 0,1 belong to its first n8 tile.
+    typename Mma::AFrag a_frag[kWarpTilesM];
 #pragma unroll
-    for (int i = 0; i < kWarpTilesM; ++i)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        sx[i][h] = __ldg(act_scales + static_cast<int64_t>(g) * M_pad + warp_row + i * 16 + gid + 8 * h);
-    float2 sw[kWarpTilesN];
-#pragma unroll
-    for (int j = 0; j < kWarpTilesN; ++j)
-      sw[j] = __ldg(reinterpret_cast<const float2*>(wgt_scales + static_cast<int64_t>(g) * N_pad + warp_col + j * 8 + tid * 2));
-
-    // Expand 4-bit codes to int8 fragments. a_frag[i][v] = the 4 A registers of k32 MMA v.
-    uint32_t a_frag[kWarpTilesM][2][4];
-#pragma unroll
-    for (int i = 0; i < kWarpTilesM; ++i) {
-      unpack_nibbles_to_s8<kActUnsigned>(a_cur[i].x, a_frag[i][0][0], a_frag[i][0][1]);
-      unpack_nibbles_to_s8<kActUnsigned>(a_cur[i].y, a_frag[i][0][2], a_frag[i][0][3]);
-      unpack_nibbles_to_s8<kActUnsigned>(a_cur[i].z, a_frag[i][1][0], a_frag[i][1][1]);
-      unpack_nibbles_to_s8<kActUnsigned>(a_cur[i].w, a_frag[i][1][2], a_frag[i][1][3]);
-    }
-    uint32_t b_frag[kWarpTilesN][2][2];  // [tile][k32 MMA][b0/b1]; weights are always signed
+    for (int i = 0; i < kWarpTilesM; ++i) a_frag[i] = Mma::template a_frag<kActUnsigned>(a_cur[i]);
+    typename Mma::BFrag b_frag[kWarpTilesN];
 #pragma unroll
     for (int p = 0; p < kWarpTilesN / 2; ++p) {
-      unpack_nibbles_to_s8<false>(b_cur[p].x, b_frag[2 * p][0][0], b_frag[2 * p][0][1]);
-      unpack_nibbles_to_s8<false>(b_cur[p].y, b_frag[2 * p][1][0], b_frag[2 * p][1][1]);
-      unpack_nibbles_to_s8<false>(b_cur[p].z, b_frag[2 * p + 1][0][0], b_frag[2 * p + 1][0][1]);
-      unpack_nibbles_to_s8<false>(b_cur[p].w, b_frag[2 * p + 1][1][0], b_frag[2 * p + 1][1][1]);
+      b_frag[2 * p] = Mma::b_frag(b_cur[p].x, b_cur[p].y);
+      b_frag[2 * p + 1] = Mma::b_frag(b_cur[p].z, b_cur[p].w);
     }
 
+    // Per scale group (INT4: the 64-group; NVFP4: each of its four 16-groups): its scales, sx for the
+    // lane's 4 rows and sw for its 16 columns, then per 16x8 tile its exact integer dot product.
 #pragma unroll
-    for (int i = 0; i < kWarpTilesM; ++i) {
+    for (int s = 0; s < kScaleGroups; ++s) {
+      const int64_t sg = static_cast<int64_t>(g) * kScaleGroups + s;
+      float sx[kWarpTilesM][2];
 #pragma unroll
-      for (int j = 0; j < kWarpTilesN; ++j) {
-        int32_t sum[4] = {0, 0, 0, 0};  // this group's exact integer dot products
-        mma_s8_m16n8k32(sum, a_frag[i][0], b_frag[j][0][0], b_frag[j][0][1]);
-        mma_s8_m16n8k32(sum, a_frag[i][1], b_frag[j][1][0], b_frag[j][1][1]);
-        acc[i][j][0] = fmaf(static_cast<float>(sum[0]) * sx[i][0], sw[j].x, acc[i][j][0]);
-        acc[i][j][1] = fmaf(static_cast<float>(sum[1]) * sx[i][0], sw[j].y, acc[i][j][1]);
-        acc[i][j][2] = fmaf(static_cast<float>(sum[2]) * sx[i][1], sw[j].x, acc[i][j][2]);
-        acc[i][j][3] = fmaf(static_cast<float>(sum[3]) * sx[i][1], sw[j].y, acc[i][j][3]);
+      for (int i = 0; i < kWarpTilesM; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) sx[i][h] = __ldg(act_scales + sg * M_pad + warp_row + i * 16 + gid + 8 * h);
+      float2 sw[kWarpTilesN];
+#pragma unroll
+      for (int j = 0; j < kWarpTilesN; ++j)
+        sw[j] = __ldg(reinterpret_cast<const float2*>(wgt_scales + sg * N_pad + warp_col + j * 8 + tid * 2));
+#pragma unroll
+      for (int i = 0; i < kWarpTilesM; ++i) {
+#pragma unroll
+        for (int j = 0; j < kWarpTilesN; ++j) {
+          int32_t sum[4] = {0, 0, 0, 0};  // this scale group's exact integer dot products
+          scale_group_dot<Mma, kActUnsigned>(sum, a_frag[i], b_frag[j], s);
+          acc[i][j][0] = fmaf(static_cast<float>(sum[0]) * sx[i][0], sw[j].x, acc[i][j][0]);
+          acc[i][j][1] = fmaf(static_cast<float>(sum[1]) * sx[i][0], sw[j].y, acc[i][j][1]);
+          acc[i][j][2] = fmaf(static_cast<float>(sum[2]) * sx[i][1], sw[j].x, acc[i][j][2]);
+          acc[i][j][3] = fmaf(static_cast<float>(sum[3]) * sx[i][1], sw[j].y, acc[i][j][3]);
+        }
       }
     }
 
@@ -390,6 +459,22 @@ w4a4_gemm_kernel(const uint4* __restrict__ act_packed, const float* __restrict__
     for (int i = 0; i < kWarpTilesM; ++i) a_cur[i] = a_next[i];
 #pragma unroll
     for (int p = 0; p < kWarpTilesN / 2; ++p) b_cur[p] = b_next[p];
+  }
+
+  // NVFP4: the per-tensor and per-channel factors on the quantized branch's sum, in the spec's order
+  // (acc * (wtscale / 4) * wcscales[n]).
+  if constexpr (kE2M1Codes<Mma>) {
+#pragma unroll
+    for (int j = 0; j < kWarpTilesN; ++j) {
+      const float2 cs = __ldg(reinterpret_cast<const float2*>(channel_scale + warp_col + j * 8 + tid * 2));
+#pragma unroll
+      for (int i = 0; i < kWarpTilesM; ++i) {
+        acc[i][j][0] = (acc[i][j][0] * alpha) * cs.x;
+        acc[i][j][1] = (acc[i][j][1] * alpha) * cs.y;
+        acc[i][j][2] = (acc[i][j][2] * alpha) * cs.x;
+        acc[i][j][3] = (acc[i][j][3] * alpha) * cs.y;
+      }
+    }
   }
 
   // ---------------- epilogue 1: low-rank branch, fp32
@@ -458,10 +543,34 @@ w4a4_gemm_kernel(const uint4* __restrict__ act_packed, const float* __restrict__
 // ================================================================================================
 // Host-side launchers (plain pointers; w4a4_ops.cpp does the tensor checks).
 
-template <typename T, bool U>
+// Calls launch(flavour) with the flavour object of `path`, so that one generic lambda instantiates
+// the kernels for every flavour.
+template <typename Launch>
+static cudaError_t with_mma_flavour(MmaPath path, Launch&& launch) {
+  switch (path) {
+    case MmaPath::kS8m16n8k32: return launch(MmaS8m16n8k32{});
+    case MmaPath::kS4m16n8k64: return launch(MmaS4m16n8k64{});
+    case MmaPath::kS4m8n8k32: return launch(MmaS4m8n8k32{});
+    case MmaPath::kE2M1S8m16n8k16: return launch(MmaE2M1S8m16n8k16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+constexpr int kQuantStaticSmem = kQuantRows * (kQuantChunkK + kQuantSmemPad) * 2;  // x_raw, 2-byte input
+
+cudaError_t quantize_max_rank(int device, int* max_rank) {
+  int smem_optin = 0;
+  const cudaError_t e = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  *max_rank = (smem_optin - kQuantStaticSmem) / static_cast<int>(kQuantRows * sizeof(float));
+  return e;
+}
+
+template <typename T, bool U, typename Layout>
 static cudaError_t launch_quantize_typed(const QuantizeArgs& a, cudaStream_t stream) {
   const size_t dyn_smem = static_cast<size_t>(a.R) * kQuantRows * sizeof(float);
-  auto kernel = quantize_act_lora_down_kernel<T, U>;
+  // E2M1 codes are signed: an unsigned request (refused by the bindings) maps to the one E2M1 kernel.
+  auto kernel = quantize_act_lora_down_kernel<T, U && !kE2M1Codes<Layout>, Layout>;
+  static_assert(sizeof(T) * kQuantRows * (kQuantChunkK + kQuantSmemPad) == kQuantStaticSmem, "x_raw size");
   if (dyn_smem > 0) {
     // Static x_raw takes 16.6 KB; allow the rank accumulator past the 48 KB default when needed.
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dyn_smem));
@@ -473,28 +582,38 @@ static cudaError_t launch_quantize_typed(const QuantizeArgs& a, cudaStream_t str
   return cudaGetLastError();
 }
 
-cudaError_t launch_quantize_act_lora_down(const QuantizeArgs& a, bool input_is_bf16, bool act_unsigned,
+cudaError_t launch_quantize_act_lora_down(const QuantizeArgs& a, bool input_is_bf16, bool act_unsigned, MmaPath path,
                                           cudaStream_t stream) {
-  if (input_is_bf16)
-    return act_unsigned ? launch_quantize_typed<__nv_bfloat16, true>(a, stream)
-                        : launch_quantize_typed<__nv_bfloat16, false>(a, stream);
-  return act_unsigned ? launch_quantize_typed<__half, true>(a, stream) : launch_quantize_typed<__half, false>(a, stream);
+  return with_mma_flavour(path, [&](auto mma) {
+    using Layout = typename decltype(mma)::Layout;  // both s4 flavours share one instantiation
+    if (input_is_bf16)
+      return act_unsigned ? launch_quantize_typed<__nv_bfloat16, true, Layout>(a, stream)
+                          : launch_quantize_typed<__nv_bfloat16, false, Layout>(a, stream);
+    return act_unsigned ? launch_quantize_typed<__half, true, Layout>(a, stream)
+                        : launch_quantize_typed<__half, false, Layout>(a, stream);
+  });
 }
 
-template <typename T, bool U>
+template <typename T, bool U, typename Mma>
 static cudaError_t launch_gemm_typed(const GemmArgs& a, cudaStream_t stream) {
   const dim3 grid(a.N_pad / kGemmBlockN, a.M_pad / kGemmBlockM);
-  w4a4_gemm_kernel<T, U><<<grid, kGemmThreads, 0, stream>>>(
+  w4a4_gemm_kernel<T, U && !kE2M1Codes<Mma>, Mma><<<grid, kGemmThreads, 0, stream>>>(  // as above
       static_cast<const uint4*>(a.act_packed), a.act_scales, a.lora_act, static_cast<const uint4*>(a.wgt_packed),
-      a.wgt_scales, a.lora_up, a.bias, static_cast<T*>(a.out), a.M, a.N, a.M_pad, a.N_pad, a.G, a.R16);
+      a.wgt_scales, a.lora_up, a.bias, static_cast<T*>(a.out), a.M, a.N, a.M_pad, a.N_pad, a.G, a.R16, a.alpha,
+      a.channel_scale);
   return cudaGetLastError();
 }
 
-cudaError_t launch_w4a4_gemm(const GemmArgs& a, bool output_is_bf16, bool act_unsigned, cudaStream_t stream) {
-  if (output_is_bf16)
-    return act_unsigned ? launch_gemm_typed<__nv_bfloat16, true>(a, stream)
-                        : launch_gemm_typed<__nv_bfloat16, false>(a, stream);
-  return act_unsigned ? launch_gemm_typed<__half, true>(a, stream) : launch_gemm_typed<__half, false>(a, stream);
+cudaError_t launch_w4a4_gemm(const GemmArgs& a, bool output_is_bf16, bool act_unsigned, MmaPath path,
+                             cudaStream_t stream) {
+  return with_mma_flavour(path, [&](auto mma) {
+    using Mma = decltype(mma);
+    if (output_is_bf16)
+      return act_unsigned ? launch_gemm_typed<__nv_bfloat16, true, Mma>(a, stream)
+                          : launch_gemm_typed<__nv_bfloat16, false, Mma>(a, stream);
+    return act_unsigned ? launch_gemm_typed<__half, true, Mma>(a, stream)
+                        : launch_gemm_typed<__half, false, Mma>(a, stream);
+  });
 }
 
 }  // namespace svdq

@@ -10,6 +10,15 @@ constexpr int kGroup = 64;        // INT4 group size along K
 constexpr int kGemmBlockM = 128;  // GEMM block tile; M_pad and N_pad are multiples of these
 constexpr int kGemmBlockN = 128;
 
+// Which integer MMA the GEMM multiplies with; also fixes the packed layout of the codes (kernel A's
+// output and the repacked weights). The bindings (w4a4_ops.cpp) name them by their instruction.
+enum class MmaPath : int {
+  kS8m16n8k32 = 0,  // nibbles expanded to int8, interleaved layout: sm_90, sm_120 (s4 is emulated there)
+  kS4m16n8k64 = 1,  // native s4, native layout: sm_80, sm_86, sm_89
+  kS4m8n8k32 = 2,   // native s4, native layout: sm_75
+  kE2M1S8m16n8k16 = 3,  // NVFP4 files: E2M1 codes x 2 decoded to int8, one k16 MMA per 16-group: sm_80+
+};
+
 struct QuantizeArgs {
   const void* x;            // [M, K] bf16/fp16, row stride ldx elements (ldx % 4 == 0)
   int64_t ldx;
@@ -31,10 +40,16 @@ struct GemmArgs {
   const float* bias;        // [N_pad] (zeros where the layer has none)
   void* out;                // [M, N] bf16/fp16, contiguous
   int M, N, M_pad, N_pad, G, R16;
+  float alpha = 1.f;        // NVFP4: wtscale / 4, applied to the quantized branch's fp32 sum,
+  const float* channel_scale = nullptr;  // NVFP4: then times wcscales, fp32 [N_pad]
 };
 
 cudaError_t launch_quantize_act_lora_down(const QuantizeArgs& args, bool input_is_bf16, bool act_unsigned,
-                                          cudaStream_t stream);
-cudaError_t launch_w4a4_gemm(const GemmArgs& args, bool output_is_bf16, bool act_unsigned, cudaStream_t stream);
+                                          MmaPath path, cudaStream_t stream);
+cudaError_t launch_w4a4_gemm(const GemmArgs& args, bool output_is_bf16, bool act_unsigned, MmaPath path,
+                             cudaStream_t stream);
+// The largest rank the quantize kernel takes on `device` (its fp32 accumulator, 64 B per rank, shares
+// the block's opt-in shared memory with a 16.6 KB staging buffer): 764 on sm_75, 1324 on sm_86/89/120.
+cudaError_t quantize_max_rank(int device, int* max_rank);
 
 }  // namespace svdq

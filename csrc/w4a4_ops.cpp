@@ -1,4 +1,4 @@
-// Torch bindings for the W4A4 INT8-MMA kernels: argument checks, allocation, stream, launch.
+// Torch bindings for the W4A4 kernels: argument checks, allocation, stream, launch.
 // The layouts are documented in w4a4_int8.cu; the weight repack (file -> fragment layout) is done
 // once per layer and device in nunchaku_ext/backends/cuda.py with plain torch ops.
 #include <torch/extension.h>
@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "w4a16_gemv.h"
 #include "w4a4_int8.h"
 
 namespace {
@@ -28,13 +29,35 @@ void check_f32(const at::Tensor& t, const char* name, std::vector<int64_t> shape
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
+// The bindings name the GEMM's MMA flavour by its instruction (nunchaku_ext/backends/cuda.py picks one
+// per GPU); it also fixes the packed layout, so kernel A and the GEMM must be given the same one.
+svdq::MmaPath parse_mma_path(const std::string& name) {
+  if (name == "s8_m16n8k32") return svdq::MmaPath::kS8m16n8k32;
+  if (name == "s4_m16n8k64") return svdq::MmaPath::kS4m16n8k64;
+  if (name == "s4_m8n8k32") return svdq::MmaPath::kS4m8n8k32;
+  if (name == "e2m1_s8_m16n8k16") return svdq::MmaPath::kE2M1S8m16n8k16;
+  TORCH_CHECK(false, "unknown mma_path '", name,
+              "' (expected s8_m16n8k32, s4_m16n8k64, s4_m8n8k32 or e2m1_s8_m16n8k16)");
+}
+
+// Scale groups per 64 columns of K: the NVFP4 path (E2M1 codes) has 16-wide groups, INT4 64-wide.
+// NVFP4 K need only be a multiple of 16; the packed codes and scales are zero-padded to K64 = K
+// rounded up to 64. E2M1 codes are signed: there is no unsigned-input NVFP4 kernel.
+int64_t scale_groups_per_64(svdq::MmaPath path, bool act_unsigned) {
+  if (path != svdq::MmaPath::kE2M1S8m16n8k16) return 1;
+  TORCH_CHECK(!act_unsigned, "NVFP4 (E2M1) activations are signed; act_unsigned is for INT4 layers only");
+  return 4;
+}
+
 // x [M, K] bf16/fp16 (row stride multiple of 4, unit column stride), smooth fp32 [K],
 // lora_down fp32 [R, K]. Returns (act_packed int32 [M_pad/16, K/64, 32, 4], act_scales fp32
-// [K/64, M_pad], lora_act fp32 [M_pad, R16]) with M_pad = M rounded up to the GEMM block tile.
+// [K/64, M_pad], lora_act fp32 [M_pad, R16]) with M_pad = M rounded up to the GEMM block tile
+// (NVFP4: K64/64 chunks and [K64/16, M_pad] scales).
 // Optional outputs (tests pass NaN/garbage-filled ones so that an element the kernel fails to write
 // cannot pass by reusing memory that happened to hold the right value).
 std::vector<at::Tensor> quantize_act_lora_down(const at::Tensor& x, const at::Tensor& smooth,
                                                const at::Tensor& lora_down, bool act_unsigned,
+                                               const std::string& mma_path,
                                                c10::optional<at::Tensor> act_packed_out,
                                                c10::optional<at::Tensor> act_scales_out,
                                                c10::optional<at::Tensor> lora_act_out) {
@@ -42,7 +65,9 @@ std::vector<at::Tensor> quantize_act_lora_down(const at::Tensor& x, const at::Te
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "x must be bfloat16 or float16, got ", x.scalar_type());
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(K % svdq::kGroup == 0 && K > 0, "in_features ", K, " is not a positive multiple of 64");
+  const svdq::MmaPath path = parse_mma_path(mma_path);
+  const int64_t scale_groups = scale_groups_per_64(path, act_unsigned), group = svdq::kGroup / scale_groups;
+  TORCH_CHECK(K % group == 0 && K > 0, "in_features ", K, " is not a positive multiple of ", group);
   TORCH_CHECK(x.stride(1) == 1 && x.stride(0) % 4 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 8 == 0,
               "x needs unit column stride, a row stride divisible by 4 and 8-byte alignment");
   TORCH_CHECK(M > 0 && M < (int64_t(1) << 31) - svdq::kGemmBlockM, "bad number of rows ", M);
@@ -50,19 +75,22 @@ std::vector<at::Tensor> quantize_act_lora_down(const at::Tensor& x, const at::Te
   const int64_t R = lora_down.size(0);
   check_f32(smooth, "smooth", {K}, dev);
   check_f32(lora_down, "lora_down", {R, K}, dev);
-  const int64_t M_pad = round_up(M, svdq::kGemmBlockM), G = K / svdq::kGroup, R16 = round_up(R, 16);
-  TORCH_CHECK(R <= 1280, "rank ", R, " is too large for the quantize kernel (max 1280: its fp32 accumulator "
-              "of 16 rows x rank must fit in shared memory on every supported GPU)");
+  const int64_t M_pad = round_up(M, svdq::kGemmBlockM), G = round_up(K, svdq::kGroup) / svdq::kGroup;
+  const int64_t R16 = round_up(R, 16);
+  int max_rank = 0;
+  check_cuda_error(svdq::quantize_max_rank(dev.index(), &max_rank), "shared-memory query");
+  TORCH_CHECK(R <= max_rank, "rank ", R, " is too large for the quantize kernel on this GPU (max ", max_rank,
+              ": its fp32 accumulator of 16 rows x rank must fit in a block's shared memory)");
 
   const c10::cuda::CUDAGuard guard(dev);
   auto f32 = x.options().dtype(at::kFloat);
   at::Tensor act_packed = act_packed_out ? *act_packed_out : at::empty({M_pad / 16, G, 32, 4}, x.options().dtype(at::kInt));
-  at::Tensor act_scales = act_scales_out ? *act_scales_out : at::empty({G, M_pad}, f32);
+  at::Tensor act_scales = act_scales_out ? *act_scales_out : at::empty({G * scale_groups, M_pad}, f32);
   at::Tensor lora_act = lora_act_out ? *lora_act_out : at::empty({M_pad, R16}, f32);
   TORCH_CHECK(act_packed.device() == dev && act_packed.scalar_type() == at::kInt && act_packed.is_contiguous() &&
                   act_packed.sizes() == at::IntArrayRef({M_pad / 16, G, 32, 4}),
               "act_packed_out must be int32 [M_pad/16, K/64, 32, 4]");
-  check_f32(act_scales, "act_scales_out", {G, M_pad}, dev);
+  check_f32(act_scales, "act_scales_out", {G * scale_groups, M_pad}, dev);
   check_f32(lora_act, "lora_act_out", {M_pad, R16}, dev);
 
   svdq::QuantizeArgs a;
@@ -78,19 +106,24 @@ std::vector<at::Tensor> quantize_act_lora_down(const at::Tensor& x, const at::Te
   a.act_packed = act_packed.data_ptr();
   a.act_scales = act_scales.data_ptr<float>();
   a.lora_act = lora_act.data_ptr<float>();
-  check_cuda_error(svdq::launch_quantize_act_lora_down(a, x.scalar_type() == at::kBFloat16, act_unsigned,
+  check_cuda_error(svdq::launch_quantize_act_lora_down(a, x.scalar_type() == at::kBFloat16, act_unsigned, path,
                                                        c10::cuda::getCurrentCUDAStream().stream()),
                    "quantize_act_lora_down kernel");
   return {act_packed, act_scales, lora_act};
 }
 
 // The GEMM. act_* as returned above; wgt_packed int32 [N_pad/16, K/64, 32, 4], wgt_scales fp32
-// [K/64, N_pad], lora_up fp32 [N_pad, R16], bias fp32 [N_pad]. Returns y [M, N] in out_dtype.
+// [K/64, N_pad] ([K64/16, N_pad] for NVFP4), lora_up fp32 [N_pad, R16], bias fp32 [N_pad]; NVFP4 only:
+// alpha (wtscale / 4) and channel_scale fp32 [N_pad] (wcscales), the factors on the quantized branch.
+// Returns y [M, N] in out_dtype.
 at::Tensor w4a4_gemm(const at::Tensor& act_packed, const at::Tensor& act_scales, const at::Tensor& lora_act,
                      const at::Tensor& wgt_packed, const at::Tensor& wgt_scales, const at::Tensor& lora_up,
-                     const at::Tensor& bias, int64_t M, int64_t N, bool act_unsigned, at::ScalarType out_dtype,
-                     c10::optional<at::Tensor> out_opt) {
+                     const at::Tensor& bias, int64_t M, int64_t N, bool act_unsigned, const std::string& mma_path,
+                     at::ScalarType out_dtype, c10::optional<at::Tensor> out_opt, double alpha,
+                     c10::optional<at::Tensor> channel_scale) {
   TORCH_CHECK(out_dtype == at::kBFloat16 || out_dtype == at::kHalf, "output must be bfloat16 or float16");
+  const svdq::MmaPath path = parse_mma_path(mma_path);
+  const int64_t scale_groups = scale_groups_per_64(path, act_unsigned);
   TORCH_CHECK(act_packed.is_cuda() && act_packed.dim() == 4 && act_packed.scalar_type() == at::kInt,
               "act_packed must be the int32 CUDA tensor made by quantize_act_lora_down");
   const at::Device dev = act_packed.device();
@@ -103,12 +136,14 @@ at::Tensor w4a4_gemm(const at::Tensor& act_packed, const at::Tensor& act_scales,
   TORCH_CHECK(wgt_packed.device() == dev && wgt_packed.scalar_type() == at::kInt && wgt_packed.is_contiguous() &&
                   wgt_packed.dim() == 4 && wgt_packed.size(1) == G && wgt_packed.size(2) == 32 && wgt_packed.size(3) == 4,
               "wgt_packed must be int32 [N_pad/16, K/64, 32, 4] on ", dev, " with the same K as the activations");
-  check_f32(act_scales, "act_scales", {G, M_pad}, dev);
+  check_f32(act_scales, "act_scales", {G * scale_groups, M_pad}, dev);
   check_f32(lora_act, "lora_act", {M_pad, R16}, dev);
-  check_f32(wgt_scales, "wgt_scales", {G, N_pad}, dev);
+  check_f32(wgt_scales, "wgt_scales", {G * scale_groups, N_pad}, dev);
   check_f32(lora_up, "lora_up", {N_pad, R16}, dev);
   check_f32(bias, "bias", {N_pad}, dev);
   TORCH_CHECK(R16 % 16 == 0, "rank must be padded to a multiple of 16");
+  TORCH_CHECK((scale_groups > 1) == channel_scale.has_value(), "channel_scale is given for NVFP4 layers, only");
+  if (channel_scale) check_f32(*channel_scale, "channel_scale", {N_pad}, dev);
   TORCH_CHECK(N_pad / svdq::kGemmBlockN < 65536 * 1024 && M_pad / svdq::kGemmBlockM < 65536, "problem too large");
 
   const c10::cuda::CUDAGuard guard(dev);
@@ -131,24 +166,82 @@ at::Tensor w4a4_gemm(const at::Tensor& act_packed, const at::Tensor& act_scales,
   a.N_pad = static_cast<int>(N_pad);
   a.G = static_cast<int>(G);
   a.R16 = static_cast<int>(R16);
-  check_cuda_error(svdq::launch_w4a4_gemm(a, out_dtype == at::kBFloat16, act_unsigned, c10::cuda::getCurrentCUDAStream().stream()),
+  a.alpha = static_cast<float>(alpha);
+  a.channel_scale = channel_scale ? channel_scale->data_ptr<float>() : nullptr;
+  check_cuda_error(svdq::launch_w4a4_gemm(a, out_dtype == at::kBFloat16, act_unsigned, path,
+                                          c10::cuda::getCurrentCUDAStream().stream()),
                    "w4a4_gemm kernel");
+  return out;
+}
+
+// W4A16 (modulation linears): x [M, K] bf16/fp16 (unit column stride, row stride multiple of 8,
+// 16-byte aligned), wgt_packed int32 [N_pad/16, K/64, 32, 4], scale_zero int32 [N_pad/16, K/64, 8, 2]
+// holding 16-bit (scale, zero) pairs of dtype scale_dtype, bias fp32 [N_pad]. Returns y [M, N] in x's
+// dtype (layouts: w4a16_gemv.cu).
+at::Tensor w4a16_gemv(const at::Tensor& x, const at::Tensor& wgt_packed, const at::Tensor& scale_zero,
+                      at::ScalarType scale_dtype, const at::Tensor& bias, int64_t N, c10::optional<at::Tensor> out_opt) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2, "x must be a 2-D CUDA tensor");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "x must be bfloat16 or float16, got ", x.scalar_type());
+  TORCH_CHECK(scale_dtype == at::kBFloat16 || scale_dtype == at::kHalf, "scales must be bfloat16 or float16");
+  const at::Device dev = x.device();
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % svdq::kW4A16Group == 0 && K > 0, "in_features ", K, " is not a positive multiple of 64");
+  TORCH_CHECK(x.stride(1) == 1 && x.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+              "x needs unit column stride, a row stride divisible by 8 and 16-byte alignment");
+  TORCH_CHECK(M > 0 && M <= svdq::kW4A16MaxM, "W4A16 takes 1 to ", svdq::kW4A16MaxM, " rows, got ", M);
+  const int64_t G = K / svdq::kW4A16Group, N_pad = wgt_packed.size(0) * 16;
+  TORCH_CHECK(N_pad % svdq::kW4A16BlockN == 0 && N > 0 && N <= N_pad && N > N_pad - svdq::kW4A16BlockN,
+              "N ", N, " does not match the packed weights");
+  TORCH_CHECK(wgt_packed.device() == dev && wgt_packed.scalar_type() == at::kInt && wgt_packed.is_contiguous() &&
+                  wgt_packed.sizes() == at::IntArrayRef({N_pad / 16, G, 32, 4}),
+              "wgt_packed must be int32 [N_pad/16, K/64, 32, 4] on ", dev);
+  TORCH_CHECK(scale_zero.device() == dev && scale_zero.scalar_type() == at::kInt && scale_zero.is_contiguous() &&
+                  scale_zero.sizes() == at::IntArrayRef({N_pad / 16, G, 8, 2}),
+              "scale_zero must be int32 [N_pad/16, K/64, 8, 2] on ", dev);
+  check_f32(bias, "bias", {N_pad}, dev);
+  TORCH_CHECK(N_pad / svdq::kW4A16BlockN < (int64_t(1) << 31), "problem too large");
+
+  const c10::cuda::CUDAGuard guard(dev);
+  at::Tensor out = out_opt ? *out_opt : at::empty({M, N}, x.options());
+  TORCH_CHECK(out.device() == dev && out.scalar_type() == x.scalar_type() && out.is_contiguous() &&
+                  out.sizes() == at::IntArrayRef({M, N}),
+              "out must be a contiguous [M, N] tensor of x's dtype");
+  svdq::W4A16Args a;
+  a.wgt_packed = wgt_packed.data_ptr();
+  a.scale_zero = scale_zero.data_ptr();
+  a.bias = bias.data_ptr<float>();
+  a.x = x.data_ptr();
+  a.ldx = x.stride(0);
+  a.out = out.data_ptr();
+  a.M = static_cast<int>(M);
+  a.N = static_cast<int>(N);
+  a.N_pad = static_cast<int>(N_pad);
+  a.G = static_cast<int>(G);
+  check_cuda_error(svdq::launch_w4a16_gemv(a, x.scalar_type() == at::kBFloat16, scale_dtype == at::kBFloat16,
+                                           c10::cuda::getCurrentCUDAStream().stream()),
+                   "w4a16_gemv kernel");
   return out;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "ComfyUI-SVDQuant CUDA kernels (W4A4 INT4 via INT8 tensor cores)";
+  m.doc() = "ComfyUI-SVDQuant CUDA kernels (W4A4 INT4 on INT8 or native INT4 tensor cores)";
   m.def("quantize_act_lora_down", &quantize_act_lora_down, "activation quantize + low-rank down (kernel A)",
-        py::arg("x"), py::arg("smooth"), py::arg("lora_down"), py::arg("act_unsigned"),
+        py::arg("x"), py::arg("smooth"), py::arg("lora_down"), py::arg("act_unsigned"), py::arg("mma_path"),
         py::arg("act_packed_out") = py::none(), py::arg("act_scales_out") = py::none(),
         py::arg("lora_act_out") = py::none());
   m.def("w4a4_gemm", &w4a4_gemm, "W4A4 GEMM with fused epilogue (kernel B)", py::arg("act_packed"),
         py::arg("act_scales"), py::arg("lora_act"), py::arg("wgt_packed"), py::arg("wgt_scales"),
         py::arg("lora_up"), py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("act_unsigned"),
-        py::arg("out_dtype"), py::arg("out") = py::none());
+        py::arg("mma_path"), py::arg("out_dtype"), py::arg("out") = py::none(), py::arg("alpha") = 1.0,
+        py::arg("channel_scale") = py::none());
   m.attr("GEMM_BLOCK_M") = svdq::kGemmBlockM;
   m.attr("GEMM_BLOCK_N") = svdq::kGemmBlockN;
   m.attr("GROUP") = svdq::kGroup;
+  m.def("w4a16_gemv", &w4a16_gemv, "W4A16 linear (modulation layers): 16-bit tensor cores on 4-bit codes",
+        py::arg("x"), py::arg("wgt_packed"), py::arg("scale_zero"), py::arg("scale_dtype"), py::arg("bias"),
+        py::arg("N"), py::arg("out") = py::none());
+  m.attr("W4A16_BLOCK_N") = svdq::kW4A16BlockN;
 }

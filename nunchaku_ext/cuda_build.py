@@ -3,7 +3,7 @@
     from nunchaku_ext import cuda_build
     ext = cuda_build.load()            # builds once per (sources, torch, CUDA, arch), then cached
 
-- Compiled only for the GPU present (e.g. sm_90 on an H100); SVDQ_CUDA_ARCHS="8.0;8.6;8.9;9.0;12.0"
+- Compiled only for the GPU present (e.g. sm_90 on an H100); SVDQ_CUDA_ARCHS="7.5;8.0;8.6;8.9;9.0;12.0"
   (or "all") forces a list, which is how CI proves the all-arch build on a machine without a GPU.
 - Cached under $SVDQ_CACHE_DIR, else $XDG_CACHE_HOME/comfyui-svdquant, else ~/.cache/comfyui-svdquant,
   in a folder named by a hash of the sources, torch version, CUDA version, nvcc version and archs.
@@ -28,18 +28,20 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # Archs the kernels are written and compile-checked for. sm_90 is where they run in our tests
-# (H100); sm_80/86/89/120 take the same INT8 mma.sync path (DESIGN.md §4). Other GPUs of compute
-# capability >= 8.0 get a native build for their own arch, with a warning that it is untested.
-SUPPORTED_ARCHS = ("8.0", "8.6", "8.9", "9.0", "12.0")
-MIN_CAPABILITY = (8, 0)
+# (H100/H200), each arch's MMA path included, forced (backends/cuda.py: mma_path): sm_75 multiplies
+# with s4 m8n8k32, sm_80/86/89 with s4 m16n8k64, sm_90/120 with s8 m16n8k32 (DESIGN.md §4). Other
+# GPUs of compute capability >= 7.5 get a native build for their own arch, with a warning that it
+# is untested.
+SUPPORTED_ARCHS = ("7.5", "8.0", "8.6", "8.9", "9.0", "12.0")
+MIN_CAPABILITY = (7, 5)
 
 ARCHS_ENV = "SVDQ_CUDA_ARCHS"
 CACHE_ENV = "SVDQ_CACHE_DIR"
 VERBOSE_ENV = "SVDQ_BUILD_VERBOSE"  # 1: echo the compiler output, incl. -Xptxas -v register reports
 
 CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("w4a4_ops.cpp", "w4a4_int8.cu")
-HEADERS = ("w4a4_int8.h",)
+SOURCES = ("w4a4_ops.cpp", "w4a4_int8.cu", "w4a16_gemv.cu")
+HEADERS = ("w4a4_int8.h", "w4a16_gemv.h", "w4a4_s4.cuh")
 
 DEFAULT_CUDA_HOMES = ("/usr/local/cuda",)
 
@@ -117,9 +119,9 @@ def _parse_archs(text: str) -> tuple:
 
 def _below_min_message(what: str) -> str:
     supported = ", ".join("sm_" + a.replace(".", "") for a in SUPPORTED_ARCHS)
-    return (f"{what} is not supported by the SVDQuant CUDA kernels: they need compute capability 8.0 or "
-            f"newer (INT8 mma.sync m16n8k32). Supported: {supported}. Turing (sm_75, RTX 20xx / T4) is "
-            "planned but not written yet. Use the 'reference' backend on this GPU (correct but slow).")
+    return (f"{what} is not supported by the SVDQuant CUDA kernels: they need compute capability 7.5 or "
+            f"newer (Turing's 4-bit mma.sync m8n8k32 at least). Supported: {supported}. Use the 'reference' "
+            "backend on this GPU (correct but slow).")
 
 
 _device_archs = {}  # device index -> arch (device queries are cheap but not free on every forward)

@@ -174,7 +174,7 @@ def info_from_metadata(path, meta: dict) -> CheckpointInfo:
     if meta.get("format") != FORMAT_NAME:
         hint = ""
         if "quantization_config" in meta or "model_class" in meta:
-            hint = " It looks like a Nunchaku checkpoint; importing those is not supported by this version."
+            hint = " It looks like a Nunchaku checkpoint: read it with nunchaku_ext.nunchaku_import.import_nunchaku."
         _fail(path, f"not a ComfyUI-SVDQuant checkpoint: its metadata has no 'format' = '{FORMAT_NAME}'.{hint}")
     version = _metadata_int(path, meta, "format_version")
     if version != FORMAT_VERSION:

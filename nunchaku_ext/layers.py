@@ -64,6 +64,9 @@ class LayerSpec:
             }
             if precision == "nvfp4":
                 specs["wtscale"] = TensorSpec((), torch.float32)
+                # Per output channel, exact in fp32: an imported file's per-channel factors (Nunchaku's
+                # wcscales, un-fused smoothing) would lose ~6% to e4m3 if folded into the group scales.
+                specs["wcscales"] = TensorSpec((N,), torch.float32)
         elif self.kind == "w4a16":
             if K % W4A16_GROUP:
                 raise ValueError(f"in_features {K} is not a multiple of the w4a16 group size {W4A16_GROUP}")
@@ -129,7 +132,8 @@ class SVDQW4A4Linear(_QuantizedLinear):
             codes = unpack_4bit(self.qweight, signed=True).float()
             return codes * expand_groups(self.wscales.float().T, self.group_size)
         codes = e2m1_to_float(unpack_4bit(self.qweight, signed=False))
-        return codes * expand_groups(self.wscales.float().T, self.group_size) * self.wtscale
+        scales = expand_groups(self.wscales.float().T, self.group_size) * self.wcscales[:, None]
+        return codes * scales * self.wtscale
 
     def dequantize(self) -> torch.Tensor:
         """The dense weight this layer stands for, fp32 [N, K] in input space (quantized residual

@@ -13,8 +13,8 @@ file it comes from; in short:
   and +1 folded into the bias of the `scale` chunks.
 
 What this module returns is in OUR file layout (docs/format.md), ready for
-`nunchaku_ext.layers.make_layer(spec, precision).load_state_dict(tensors)`. Assembling a model,
-the loader node and LoRA on imported models are not here.
+`nunchaku_ext.layers.make_layer(spec, precision).load_state_dict(tensors)`. Assembling a whole
+checkpoint from these layers is nunchaku_ext.nunchaku_import.
 """
 import json
 import os
@@ -22,12 +22,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .format import CheckpointError
 from .layers import COMPUTE_DTYPES, LayerSpec, make_layer
 from .numerics import GROUP_SIZE, INT4_GROUP, NVFP4_GROUP, W4A16_GROUP, pack_4bit
 
 
-class NunchakuFormatError(ValueError):
-    """A Nunchaku checkpoint (or one of its layers) that this importer cannot read faithfully."""
+class NunchakuFormatError(CheckpointError):
+    """A Nunchaku checkpoint (or one of its layers) that this importer cannot read faithfully. A
+    CheckpointError, so that a loader reports it like any other unreadable checkpoint."""
 
 
 # Nunchaku pads N and K to its warp tile (GEMM_W4A4: in/out_features_pad = ceil(·/128)*128) and the
@@ -119,22 +121,20 @@ def _awq_stored_groups(k: int) -> int:
 
 @dataclass(frozen=True)
 class DecodedLayer:
-    """One of our layers, decoded from one Nunchaku layer (or from a row range of it).
+    """One of our layers, decoded from one Nunchaku layer.
 
     `tensors` is in our file layout, keyed by suffix, ready for `make_layer(spec, precision)`.
-    `rows` are the Nunchaku layer's output rows this layer computes (all of them unless a W4A4
-    layer had to be split by its `wcscales`). `input_scale` is smooth_orig / smooth (fp32 [K])
-    where a file has them different, else None: the layer then expects the original model's input
-    divided by it, because Nunchaku's converter fused that smoothing into the PRODUCING layer
-    (deepcompressor smooth_fused: attention out_proj, whose smooth went into v_proj / add_v_proj).
-    The layer's own function is exact either way; only code that relates it to the original
-    dense model (LoRA absorption) needs input_scale."""
+    `smooth_orig` is the file's `smooth_orig` (plain [K], the layer's dtype) where it differs from
+    `smooth`, else None. Nunchaku's converter writes that for attention out_proj layers, whose
+    smoothing it fused into the PRODUCING layer (deepcompressor smooth_fused: the v projections
+    were divided by smooth_orig / smooth, so this layer's input is the original input divided by
+    it). The decoded layer computes Nunchaku's function exactly either way; code that relates it
+    to the original dense model (nunchaku_import's un-fusing) needs smooth_orig."""
 
     spec: LayerSpec
     precision: str
     tensors: dict
-    rows: tuple
-    input_scale: torch.Tensor | None = None
+    smooth_orig: torch.Tensor | None = None
 
     def to_module(self, device=None) -> torch.nn.Module:
         """An SVDQW4A4Linear / W4A16Linear holding these tensors."""
@@ -147,9 +147,6 @@ class DecodedLayer:
 W4A4_SUFFIXES = frozenset({"qweight", "wscales", "bias", "smooth", "smooth_orig", "lora_down", "lora_up",
                            "wtscale", "wcscales"})
 W4A16_SUFFIXES = frozenset({"qweight", "wscales", "wzeros", "bias"})
-# deepcompressor writes wcscales only for a projection fused from separately quantized linears with
-# per-tensor scales (q, k, v: convert.py "switch from per-tensor to per-channel scale"), so at most 3 runs.
-MAX_WCSCALES_RUNS = 3
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -212,21 +209,13 @@ def _strip_rank_padding(down: torch.Tensor, up: torch.Tensor):
     return down[:keep].contiguous(), up[:, :keep].contiguous()
 
 
-def _runs(v: torch.Tensor):
-    """(start, stop) of each maximal run of equal values in a 1-D tensor."""
-    change = (v[1:] != v[:-1]).nonzero().flatten().tolist()
-    bounds = [0] + [i + 1 for i in change] + [v.numel()]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
 def decode_w4a4(tensors: dict, precision: str, *, act_unsigned: bool = False, in_features: int | None = None,
-                out_features: int | None = None, name: str = "?") -> list:
-    """One Nunchaku SVDQW4A4Linear (suffix -> tensor) -> our w4a4 layer(s), as a list of DecodedLayer.
+                out_features: int | None = None, name: str = "?") -> DecodedLayer:
+    """One Nunchaku SVDQW4A4Linear (suffix -> tensor) -> our w4a4 layer.
 
-    The list has one entry, except for an nvfp4 layer whose `wcscales` take several values: each
-    run of equal values becomes its own layer over those output rows (same input, smooth and
-    lora_down; its wcscales value folded into wtscale), because our format has one per-tensor
-    alpha. Concatenating the pieces' outputs along N gives the layer's output exactly.
+    nvfp4: Nunchaku's `wtscale` becomes our alpha `wtscale` and its per-channel `wcscales` our
+    `wcscales`, both converted to fp32, which is exact (they are stored in 16 bits); absent, they
+    are 1. int4: our format has neither, so both must be 1.
 
     `act_unsigned` is not in Nunchaku's files: it is true for int4 MLP down projections (mlp_fc2,
     mlp_context_fc2), which the name map says. in/out_features are the true K and N (Nunchaku
@@ -274,23 +263,15 @@ def decode_w4a4(tensors: dict, precision: str, *, act_unsigned: bool = False, in
         down, up = torch.zeros(0, K, dtype=dtype), torch.zeros(N, 0, dtype=dtype)
 
     alpha = torch.ones((), dtype=torch.float32) if wtscale is None else wtscale.float().reshape(())
-    channel_scales = None if wcscales is None else _channel_vector(wcscales)[:N]
-    runs, run_scales = [(0, N)], [torch.ones((), dtype=torch.float32)]
+    channel_scales = torch.ones(N) if wcscales is None else _channel_vector(wcscales)[:N].float()
     if precision == "int4":
-        # GEMM_W4A4 asserts alpha == 1 for int4 (gemm_w4a4_launch_impl.cuh); a per-channel scale
-        # could only be folded into the bf16 group scales by rounding them.
+        # GEMM_W4A4 asserts alpha == 1 for int4 (gemm_w4a4_launch_impl.cuh), and our int4 format has
+        # no per-channel scale: folding one into the bf16 group scales would round them.
         if alpha.item() != 1.0:
             check.fail(f"an int4 layer with wtscale {alpha.item()} (Nunchaku's int4 kernel requires 1)")
-        if channel_scales is not None and not bool((channel_scales == 1).all()):
+        if not bool((channel_scales == 1).all()):
             check.fail("an int4 layer with per-channel 'wcscales' other than 1: our int4 format has no per-channel "
                        "output scale and folding it into the group scales would round them")
-    elif channel_scales is not None:
-        runs = _runs(channel_scales)
-        if len(runs) > MAX_WCSCALES_RUNS:
-            check.fail(f"'wcscales' takes {len(runs)} different runs of values; our nvfp4 format has one per-tensor "
-                       f"alpha per layer, so this importer splits a layer into at most {MAX_WCSCALES_RUNS} pieces "
-                       "(Nunchaku's converter writes one value per fused q/k/v projection)")
-        run_scales = [channel_scales[a].float() for a, _ in runs]
 
     codes = _w4a4_nibbles(qweight)[:N, :K]
     if precision == "int4":
@@ -298,31 +279,21 @@ def decode_w4a4(tensors: dict, precision: str, *, act_unsigned: bool = False, in
     else:
         scales = _micro_scales(wscales)[: K // NVFP4_GROUP, :N]
     smooth_plain = _channel_vector(smooth)[:K].contiguous()
-    bias_plain = None if bias is None else _channel_vector(bias)[:N]
-    input_scale = None
-    if smooth_orig is not None:
-        orig = _channel_vector(smooth_orig)[:K]
-        if not torch.equal(orig, smooth_plain):
-            input_scale = orig.float() / smooth_plain.float()
-
-    layers = []
-    for (a, b), scale in zip(runs, run_scales):
-        out = {
-            "qweight": pack_4bit(codes[a:b]),
-            "wscales": scales[:, a:b].contiguous(),
-            "smooth": smooth_plain,
-            "lora_down": down,
-            "lora_up": up[a:b].contiguous(),
-        }
-        if precision == "nvfp4":
-            # fp32 product of two values with <= 24 significant bits: one rounding at most, where
-            # Nunchaku applies alpha in fp32 and wcscales in 16-bit arithmetic.
-            out["wtscale"] = (alpha * scale).reshape(())
-        if bias_plain is not None:
-            out["bias"] = bias_plain[a:b].contiguous()
-        spec = LayerSpec("w4a4", K, b - a, bias_plain is not None, down.shape[0], act_unsigned)
-        layers.append(DecodedLayer(spec, precision, out, (a, b), input_scale))
-    return layers
+    orig = None if smooth_orig is None else _channel_vector(smooth_orig)[:K].contiguous()
+    out = {
+        "qweight": pack_4bit(codes),
+        "wscales": scales.contiguous(),
+        "smooth": smooth_plain,
+        "lora_down": down,
+        "lora_up": up,
+    }
+    if precision == "nvfp4":
+        out["wtscale"] = alpha
+        out["wcscales"] = channel_scales.contiguous()
+    if bias is not None:
+        out["bias"] = _channel_vector(bias)[:N].contiguous()
+    spec = LayerSpec("w4a4", K, N, bias is not None, down.shape[0], act_unsigned)
+    return DecodedLayer(spec, precision, out, None if orig is None or torch.equal(orig, smooth_plain) else orig)
 
 
 def decode_w4a16(tensors: dict, *, adanorm_splits: int, in_features: int | None = None,
@@ -375,7 +346,7 @@ def decode_w4a16(tensors: dict, *, adanorm_splits: int, in_features: int | None 
             for s in sorted({1, S - 2}):  # deepcompressor: delta[1] = delta[-2] = 1
                 b[s] -= 1.0
         out["bias"] = b.reshape(N).to(dtype)
-    return DecodedLayer(LayerSpec("w4a16", K, N, bias is not None), "int4", out, (0, N))
+    return DecodedLayer(LayerSpec("w4a16", K, N, bias is not None), "int4", out)
 
 
 # ---------------------------------------------------------------------------------------------

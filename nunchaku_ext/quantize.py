@@ -53,6 +53,7 @@ def quantize_w4a4(weight, bias=None, rank=32, *, precision="int4", smooth=None, 
         codes, scales, alpha = quantize_weight_nvfp4(residual.float())
         layer.wscales.copy_(scales.T)
         layer.wtscale.copy_(alpha)
+        layer.wcscales.fill_(1.0)
     layer.qweight.copy_(pack_4bit(codes))
     layer.smooth.copy_(smooth)
     layer.lora_down.copy_(lora_down)

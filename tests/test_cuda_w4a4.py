@@ -19,6 +19,10 @@ GPU tests skip without CUDA. What they hold the kernels to:
   a missing term or a layout error moves y by about S / sqrt(terms), orders of magnitude more.
 * Outputs are pre-filled with NaN (and codes with a nibble the kernel never writes) before each
   run, so an element the kernels fail to write fails the test.
+* Every W4A4 GPU test runs once per MMA path the GPU has (fixture `mma_path`, which forces it with
+  $SVDQ_MMA_PATH): on sm_90 all three, the consumer GPUs' s4 paths emulated by ptxas but with the
+  same instruction semantics, so their layouts, fragment mapping and MMA chains are verified there.
+  The paths must also agree with each other bit for bit (same exact group sums, same fp32 order).
 
 The test marked `build` compiles and links the extension for every supported arch (no GPU needed,
 nvcc needed); it takes minutes.
@@ -83,6 +87,25 @@ def make_input(shape, K, *, unsigned, dtype, device="cuda", seed=1):
     return x
 
 
+# The kernel template instantiation of each MMA path (csrc/w4a4_int8.cu, csrc/w4a4_s4.cuh), and its
+# SASS instruction where the GPU runs it natively, for (signed, unsigned) activations.
+FLAVOURS = {"s8_m16n8k32": "MmaS8m16n8k32", "s4_m16n8k64": "MmaS4m16n8k64", "s4_m8n8k32": "MmaS4m8n8k32"}
+EXPECTED_IMMA = {"s8_m16n8k32": ("IMMA.16832.S8.S8", "IMMA.16832.S8.S8"),
+                 "s4_m16n8k64": ("IMMA.16864.S4.S4", "IMMA.16864.U4.S4"),
+                 "s4_m8n8k32": ("IMMA.8832.S4.S4", "IMMA.8832.U4.S4")}
+
+
+@pytest.fixture(params=list(cuda_backend.MMA_PATHS))
+def mma_path(request, ext, monkeypatch):
+    """Runs a test on one MMA path, forced; skipped where the GPU lacks the instruction."""
+    path = cuda_backend.MMA_PATHS[request.param]
+    capability = torch.cuda.get_device_capability()
+    if capability < path.min_capability:
+        pytest.skip(f"{path.name} needs sm_{path.min_capability[0]}{path.min_capability[1]}")
+    monkeypatch.setenv(cuda_backend.PATH_ENV, path.name)
+    return path
+
+
 def reference_linear(layer, x):
     return reference.w4a4_linear(layer, x)
 
@@ -98,7 +121,8 @@ def check_quantize(layer, x):
     # Padded rows (M .. M_pad) must be written too, as zeros: the GEMM reads them.
     assert not scales_raw.isnan().any() and not lora_raw.isnan().any()
     assert (scales_raw[:, M:] == 0).all() and (lora_raw[M:] == 0).all()
-    assert (cuda_backend.unpack_act_fragments(act_raw, act_raw.shape[0] * 16, True)[M:] == 0).all()
+    layout = cuda_backend.mma_path(x.device).layout
+    assert (cuda_backend.unpack_act_fragments(act_raw, act_raw.shape[0] * 16, True, layout)[M:] == 0).all()
     assert (lora_raw[:, layer.rank:] == 0).all()
     if layer.rank:
         ref = x2.double() @ layer.lora_down.double().T
@@ -147,14 +171,17 @@ def check_linear(layer, x, *, via_module=False):
 
 # ------------------------------------------------------------------------------------------------
 # Layout tests: no GPU needed. They prove the packers agree with the PTX fragment definitions that
-# the GEMM's mma.sync relies on (csrc/w4a4_int8.cu, "The fragment layout").
+# the GEMM's mma.sync relies on (csrc/w4a4_int8.cu and csrc/w4a4_s4.cuh, "fragment layout").
 
 
-def _pack_act_fragments(codes):
+def _pack_act_fragments(codes, layout):
     """Test-only inverse of unpack_act_fragments (codes int [M_pad, K] -> int32 [M_pad/16, K/64, 32, 4])."""
     Mp, K = codes.shape
-    nib = (codes.to(torch.int16) & 0xF).to(torch.uint8).view(Mp // 16, 2, 8, K // 64, 4, 4, 4)  # mt,rh,gid,g,j,tid,b
-    nib = nib.permute(0, 3, 2, 5, 4, 6, 1)  # mt, g, gid, tid, j, b, rh
+    nib = (codes.to(torch.int16) & 0xF).to(torch.uint8)
+    if layout == "interleaved":
+        nib = nib.view(Mp // 16, 2, 8, K // 64, 4, 4, 4).permute(0, 3, 2, 5, 4, 6, 1)  # mt, g, gid, tid, j, b, rh
+    else:  # native_s4: word 2c + rh, nibble e = code[16mt + 8rh + gid, 64g + 32c + 8tid + e]
+        nib = nib.view(Mp // 16, 2, 8, K // 64, 2, 4, 4, 2).permute(0, 3, 2, 5, 4, 1, 6, 7)  # mt,g,gid,tid,c,rh,byte,e%2
     return (nib[..., 0] | nib[..., 1] << 4).contiguous().view(torch.int32).reshape(Mp // 16, K // 64, 32, 4)
 
 
@@ -173,9 +200,9 @@ def test_fragment_layouts_match_ptx_mapping():
     M, N, K = 32, 48, 128
     a = torch.randint(-8, 8, (M, K))
     w = torch.randint(-8, 8, (N, K))
-    act = _pack_act_fragments(a)
-    assert torch.equal(cuda_backend.unpack_act_fragments(act, M, unsigned=False), a.to(torch.int8))
-    wp = cuda_backend.pack_weight_fragments(numerics.pack_4bit(w), n_pad=64)
+    act = _pack_act_fragments(a, "interleaved")
+    assert torch.equal(cuda_backend.unpack_act_fragments(act, M, False, "interleaved"), a.to(torch.int8))
+    wp = cuda_backend.pack_weight_fragments(numerics.pack_4bit(w), n_pad=64, layout="interleaved")
     assert wp.shape == (4, 2, 32, 4)
     a_seen = torch.full((M, K), 99)
     w_seen = torch.full((64, K), 99)
@@ -205,6 +232,81 @@ def test_fragment_layouts_match_ptx_mapping():
     assert torch.equal(w_seen[:N], w) and (w_seen[N:] == 0).all()
 
 
+def _s4_codes(word):
+    """A 32-bit s4 MMA register -> its 8 signed codes, element e in bits 4e (PTX: low to high)."""
+    return [((word >> 4 * e) & 0xF) - 16 * ((word >> (4 * e + 3)) & 1) for e in range(8)]
+
+
+def test_native_s4_layout_matches_ptx_mma():
+    """Both s4 flavours, simulated from the packed words with the PTX fragment definitions, give each
+    16x8 tile's integer product: one m16n8k64, and the four m8n8k32 that MmaS4m8n8k32 chains."""
+    torch.manual_seed(1)
+    M, N, K = 32, 40, 128
+    a = torch.randint(-8, 8, (M, K))
+    w = torch.randint(-8, 8, (N, K))
+    act = _pack_act_fragments(a, "native_s4")
+    assert torch.equal(cuda_backend.unpack_act_fragments(act, M, False, "native_s4"), a.to(torch.int8))
+    wp = cuda_backend.pack_weight_fragments(numerics.pack_4bit(w), n_pad=64, layout="native_s4")
+    assert wp.shape == (4, 2, 32, 4)
+    w_pad = torch.cat([w, w.new_zeros(64 - N, K)])
+    for g in range(K // 64):
+        for mt in range(M // 16):
+            a_regs = [[_s4_codes(int(v) & 0xFFFFFFFF) for v in act[mt, g, lane]] for lane in range(32)]
+            for p in range(wp.shape[0]):
+                b_words = [[_s4_codes(int(v) & 0xFFFFFFFF) for v in wp[p, g, lane]] for lane in range(32)]
+                for t in range(2):
+                    b_regs = [b_words[lane][2 * t:2 * t + 2] for lane in range(32)]  # b0, b1 of tile t
+                    want = a[16 * mt:16 * mt + 16, 64 * g:64 * g + 64] @ w_pad[16 * p + 8 * t:16 * p + 8 * t + 8,
+                                                                             64 * g:64 * g + 64].T
+                    # m16n8k64: A element i -> register i // 8, row gid (+8 unless i < 8 or 16 <= i < 24),
+                    # k tid*8 + i%8 (+32 for i >= 16); B element i -> register i // 8, k tid*8 + i%8 (+32 for i >= 8)
+                    A = torch.zeros(16, 64, dtype=torch.long)
+                    B = torch.zeros(64, 8, dtype=torch.long)
+                    for lane in range(32):
+                        gid, tid = lane // 4, lane % 4
+                        for i in range(32):
+                            row = gid if i < 8 or 16 <= i < 24 else gid + 8
+                            A[row, tid * 8 + (i & 7) + (32 if i >= 16 else 0)] = a_regs[lane][i // 8][i % 8]
+                        for i in range(16):
+                            B[tid * 8 + (i & 7) + (32 if i >= 8 else 0), gid] = b_regs[lane][i // 8][i % 8]
+                    assert torch.equal(A @ B, want)
+
+                    # m8n8k32: A row gid, k tid*8 + e; B k tid*8 + e, col gid; C row gid
+                    def m8n8k32(ra, rb):
+                        A8 = torch.zeros(8, 32, dtype=torch.long)
+                        B8 = torch.zeros(32, 8, dtype=torch.long)
+                        for lane in range(32):
+                            gid, tid = lane // 4, lane % 4
+                            A8[gid, tid * 8:tid * 8 + 8] = torch.tensor(a_regs[lane][ra])
+                            B8[tid * 8:tid * 8 + 8, gid] = torch.tensor(b_regs[lane][rb])
+                        return A8 @ B8
+
+                    rows_gid = m8n8k32(0, 0) + m8n8k32(2, 1)
+                    rows_gid8 = m8n8k32(1, 0) + m8n8k32(3, 1)
+                    assert torch.equal(torch.cat([rows_gid, rows_gid8]), want)
+
+
+def test_mma_path_selection(monkeypatch):
+    assert cuda_backend.default_mma_path((7, 5)) == "s4_m8n8k32"
+    for capability in ((8, 0), (8, 6), (8, 7), (8, 9)):
+        assert cuda_backend.default_mma_path(capability) == "s4_m16n8k64"
+    for capability in ((9, 0), (10, 0), (12, 0)):
+        assert cuda_backend.default_mma_path(capability) == "s8_m16n8k32"
+    monkeypatch.delenv(cuda_backend.PATH_ENV, raising=False)
+    monkeypatch.setattr(cuda_build, "device_arch", lambda device=None: "8.6")
+    assert cuda_backend.mma_path("cuda:0").name == "s4_m16n8k64"
+    for name in cuda_backend.MMA_PATHS:  # all legal on sm_86
+        monkeypatch.setenv(cuda_backend.PATH_ENV, name)
+        assert cuda_backend.mma_path("cuda:0").name == name
+    monkeypatch.setattr(cuda_build, "device_arch", lambda device=None: "7.5")
+    monkeypatch.setenv(cuda_backend.PATH_ENV, "s4_m16n8k64")
+    with pytest.raises(ValueError, match="s4_m16n8k64 needs a GPU of sm_80 or newer; cuda:0 is sm_75"):
+        cuda_backend.mma_path("cuda:0")
+    monkeypatch.setenv(cuda_backend.PATH_ENV, "int4")
+    with pytest.raises(ValueError, match="not an MMA path; choose one of s8_m16n8k32, s4_m16n8k64, s4_m8n8k32"):
+        cuda_backend.mma_path("cuda:0")
+
+
 def test_import_without_gpu_is_safe():
     import importlib
 
@@ -216,8 +318,9 @@ def test_arch_parsing_and_refusal():
     assert cuda_build._parse_archs("90") == ("9.0",)
     assert cuda_build._parse_archs("sm_120; 8.6,8.0") == ("8.0", "8.6", "12.0")
     assert cuda_build._parse_archs("all") == cuda_build.SUPPORTED_ARCHS
-    with pytest.raises(cuda_build.CudaBuildError, match="sm_75.*Supported: sm_80"):
-        cuda_build._parse_archs("7.5")
+    assert cuda_build._parse_archs("75") == ("7.5",)
+    with pytest.raises(cuda_build.CudaBuildError, match="sm_70.*compute capability 7.5.*Supported: sm_75, sm_80"):
+        cuda_build._parse_archs("7.0")
 
 
 def test_no_gpu_error_is_actionable(monkeypatch):
@@ -271,6 +374,7 @@ def test_compile_error_names_the_log(monkeypatch, tmp_path):
     for name in cuda_build.SOURCES:  # fail fast, in both compilers
         (broken / name).write_text("#error deliberately broken\n" + (broken / name).read_text())
     monkeypatch.setattr(cuda_build, "CSRC_DIR", broken)
+    monkeypatch.setattr(cuda_build, "_loaded", {})  # a module this process loaded earlier must not answer
     monkeypatch.setenv(cuda_build.CACHE_ENV, str(tmp_path / "cache"))
     with pytest.raises(cuda_build.CudaBuildError, match=r"Full compiler output: (\S+build\.log)") as info:
         cuda_build.load(archs="9.0")
@@ -298,7 +402,7 @@ QUANT_CASES = [
 
 @requires_cuda
 @pytest.mark.parametrize("M,K,rank,unsigned,dtype", QUANT_CASES)
-def test_quantize_act_exact(ext, M, K, rank, unsigned, dtype):
+def test_quantize_act_exact(mma_path, M, K, rank, unsigned, dtype):
     layer = make_layer(128, K, rank, unsigned=unsigned, dtype=dtype)
     check_quantize(layer, make_input((M,), K, unsigned=unsigned, dtype=dtype))
 
@@ -330,14 +434,14 @@ LINEAR_CASES = [
 
 @requires_cuda
 @pytest.mark.parametrize("M,N,K,rank,unsigned,dtype", LINEAR_CASES)
-def test_linear_matches_reference(ext, M, N, K, rank, unsigned, dtype):
+def test_linear_matches_reference(mma_path, M, N, K, rank, unsigned, dtype):
     layer = make_layer(N, K, rank, unsigned=unsigned, dtype=dtype, seed=M + N)
     check_linear(layer, make_input((M,), K, unsigned=unsigned, dtype=dtype, seed=K))
 
 
 @requires_cuda
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_no_bias_and_module_dispatch(ext, bias):
+def test_linear_no_bias_and_module_dispatch(mma_path, bias):
     layer = make_layer(384, 512, 16, bias=bias)
     x = make_input((2, 100), 512, unsigned=False, dtype=torch.bfloat16)
     check_linear(layer, x, via_module=True)
@@ -346,7 +450,7 @@ def test_linear_no_bias_and_module_dispatch(ext, bias):
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("unsigned", [False, True])
-def test_batched_and_noncontiguous_inputs(ext, dtype, unsigned):
+def test_batched_and_noncontiguous_inputs(mma_path, dtype, unsigned):
     K = 320
     layer = make_layer(256, K, 16, unsigned=unsigned, dtype=dtype)
     x3 = make_input((3, 47), K, unsigned=unsigned, dtype=dtype)
@@ -364,7 +468,7 @@ def test_batched_and_noncontiguous_inputs(ext, dtype, unsigned):
 
 
 @requires_cuda
-def test_quantize_w4a4_layers(ext):
+def test_quantize_w4a4_layers(mma_path):
     """Layers made by the project's quantizer (SVD, smoothing, unsigned bias compensation)."""
     torch.manual_seed(3)
     for unsigned in (False, True):
@@ -378,7 +482,7 @@ def test_quantize_w4a4_layers(ext):
 
 
 @requires_cuda
-def test_prepared_copy_follows_buffer_changes(ext):
+def test_prepared_copy_follows_buffer_changes(mma_path):
     layer = make_layer(256, 256, 16)
     x = make_input((64,), 256, unsigned=False, dtype=torch.bfloat16)
     check_linear(layer, x)
@@ -393,12 +497,49 @@ def test_prepared_copy_follows_buffer_changes(ext):
 
 
 @requires_cuda
-def test_repeatable(ext):
+def test_repeatable(mma_path):
     layer = make_layer(3072, 3072, 32)
     x = make_input((999,), 3072, unsigned=False, dtype=torch.bfloat16)
     y0 = cuda_backend.forward(layer, x)
     for _ in range(3):
         assert torch.equal(cuda_backend.forward(layer, x), y0)
+
+
+@requires_cuda
+def test_forced_path_launches_its_kernels(mma_path):
+    """The forced path reaches the kernels: the s4 flavours share a layout, so only the launched
+    template instantiation tells them apart."""
+    layer = make_layer(256, 256, 16)
+    x = make_input((64,), 256, unsigned=False, dtype=torch.bfloat16)
+    cuda_backend.forward(layer, x)  # build, prepare
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        cuda_backend.forward(layer, x)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    gemm = [n for n in names if "w4a4_gemm_kernel" in n]
+    quant = [n for n in names if "quantize_act_lora_down_kernel" in n]
+    layout = {"interleaved": "InterleavedNibbleLayout", "native_s4": "NativeS4Layout"}[mma_path.layout]
+    assert gemm and all(FLAVOURS[mma_path.name] in n for n in gemm), names
+    assert quant and all(layout in n for n in quant), names
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_mma_paths_agree_bitwise(ext, monkeypatch, unsigned, dtype):
+    """Every path computes the same exact group sums and adds them in the same fp32 order."""
+    capability = torch.cuda.get_device_capability()
+    names = [p.name for p in cuda_backend.MMA_PATHS.values() if capability >= p.min_capability]
+    if len(names) < 2:
+        pytest.skip("one MMA path on this GPU")
+    layer = make_layer(3072, 3072, 32, unsigned=unsigned, dtype=dtype)
+    x = make_input((333,), 3072, unsigned=unsigned, dtype=dtype)
+    outputs = {}
+    for name in names:
+        monkeypatch.setenv(cuda_backend.PATH_ENV, name)
+        outputs[name] = cuda_backend.forward(layer, x)
+    for name in names[1:]:
+        assert torch.equal(outputs[name], outputs[names[0]]), name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -435,8 +576,28 @@ def test_build_all_archs(tmp_path, monkeypatch):
         listing = subprocess.run([cuobjdump, "--list-elf", str(so)], capture_output=True, text=True).stdout
         for arch in cuda_build.SUPPORTED_ARCHS:
             assert f"sm_{arch.replace('.', '')}" in listing, listing
-    # No kernel spills on any arch.
+        # Each arch's GEMM, for the path it runs by default, multiplies with the intended instruction
+        # (native: an emulated s4 MMA would show as IMMA.*.S8 plus calls into an unpack routine).
+        for arch in cuda_build.SUPPORTED_ARCHS:
+            sm = "sm_" + arch.replace(".", "")
+            path = cuda_backend.default_mma_path(tuple(int(v) for v in arch.split(".")))
+            sass = subprocess.run([cuobjdump, "-sass", "-arch", sm, str(so)], capture_output=True, text=True).stdout
+            functions = {part.split()[0]: part for part in sass.split("Function : ")[1:]}
+            gemms = {name: body for name, body in functions.items()
+                     if "w4a4_gemm_kernel" in name and FLAVOURS[path] in name}
+            assert len(gemms) == 4, (sm, list(functions))  # bf16/fp16 x signed/unsigned activations
+            for name, body in gemms.items():
+                unsigned = re.search(r"w4a4_gemm_kernelI\w+?Lb([01])E", name).group(1) == "1"
+                assert EXPECTED_IMMA[path][unsigned] in body, (sm, name)
+    # Every GEMM flavour and quantize layout is built for every arch, and no kernel spills.
     report = cuda_build.ptxas_report("all")
-    spill_lines = [l for l in report.splitlines() if "spill" in l]
-    assert len(spill_lines) == 8 * len(cuda_build.SUPPORTED_ARCHS), report
-    assert all("0 bytes spill stores, 0 bytes spill loads" in l for l in spill_lines), report
+    kernels = re.findall(r"Compiling entry function '(\w+)' for 'sm_(\d+)'.*?(\d+) bytes spill stores, (\d+) bytes spill loads",
+                         report, re.S)
+    for arch in cuda_build.SUPPORTED_ARCHS:
+        names = [name for name, sm, _, _ in kernels if sm == arch.replace(".", "")]
+        for flavour in FLAVOURS.values():
+            assert sum("w4a4_gemm_kernel" in n and flavour in n for n in names) == 4, (arch, names)
+        for layout in ("InterleavedNibbleLayout", "NativeS4Layout"):
+            assert sum("quantize_act_lora_down_kernel" in n and layout in n for n in names) == 4, (arch, names)
+    spilling = [(name, sm) for name, sm, stores, loads in kernels if stores != "0" or loads != "0"]
+    assert kernels and not spilling, report

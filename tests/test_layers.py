@@ -61,7 +61,7 @@ def independent_w4a4(layer, x):
         sx = np32(torch.from_numpy(np.minimum(np.abs(groups).max(-1) / np.float32(6), np.float32(448)))
                   .to(torch.float8_e4m3fn))
         q = e2m1_nearest_even(groups / np.where(sx > 0, sx, 1)[..., None])
-        alpha = float(layer.wtscale)
+        alpha = float(layer.wtscale) * np32(layer.wcscales).astype(np.float64)[None, :]
     q = q.astype(np.float64) * (sx[..., None] > 0)
     y = np.zeros((M, layer.out_features))
     for g in range(K // G):
@@ -107,6 +107,8 @@ def test_reference_w4a4_matches_independent_float64(precision, unsigned, rank, b
     smooth = torch.rand(K, generator=g) * 3 + 0.25
     layer = quantize_w4a4(weight, torch.randn(N, generator=g) if bias else None, rank, precision=precision,
                           smooth=smooth, act_unsigned=unsigned, dtype=dtype)
+    if precision == "nvfp4":  # imported files carry per-channel factors; ours are ones
+        layer.wcscales.copy_(torch.rand(N, generator=g) + 0.5)
     x = make_input(M, K, unsigned, seed=M, dtype=dtype)
     want = independent_w4a4(layer, np32(x))
     # fp32 input -> fp32 output: the reference agrees with float64 to fp32 accumulation rounding
@@ -162,7 +164,7 @@ def test_buffers_are_the_real_quantized_tensors():
     assert nbytes < 0.3 * 3072 * 3072 * 2  # about 4.5 bits per weight incl. scales and rank 32
     assert not list(layer.parameters())
     fp4 = SVDQW4A4Linear(128, 16, 0, bias=False, precision="nvfp4", device="meta")
-    assert set(fp4.state_dict()) == {"qweight", "wscales", "wtscale", "smooth", "lora_down", "lora_up"}
+    assert set(fp4.state_dict()) == {"qweight", "wscales", "wtscale", "wcscales", "smooth", "lora_down", "lora_up"}
     assert fp4.state_dict()["wscales"].dtype == torch.float8_e4m3fn and fp4.rank == 0
     assert set(W4A16Linear(128, 16, device="meta").state_dict()) == {"qweight", "wscales", "wzeros", "bias"}
 

@@ -1,12 +1,4 @@
-"""Importing Nunchaku's layer layouts, against a writer of that layout written here.
-
-The writer below packs plain tensors the way Nunchaku's published converters do, read from
-nunchaku/lora/flux/packer.py (NunchakuWeightPacker: pack_weight, pack_scale, pack_micro_scale,
-pack_lowrank_weight) and deepcompressor/backend/{nunchaku,tinychat}/utils.py (padding, the
-per-tensor / per-channel scales, TinyChat's pack_w4, the adaLN row interleave and +1, the shift
-compensation of MLP down projections). It shares no code with nunchaku_ext.nunchaku_layout: it goes
-FORWARD (plain -> packed) with the packers' own reshape/permute recipes, the decoder goes back.
-Its scale orders are pinned to the lane tables printed in packer.py's comments.
+"""Importing Nunchaku's layer layouts, against the independent writer in nunchaku_writer.py.
 
 What the runtime computes with those tensors is taken from Nunchaku's C++ (src/Linear.cpp,
 src/kernels/zgemm/*): the quantized branch sees (x [+ 0.171875]) / smooth, the low-rank branch sees
@@ -17,6 +9,16 @@ import json
 
 import pytest
 import torch
+from nunchaku_writer import (
+    BF16,
+    E2M1,
+    FP4_CONFIG,
+    INT4_CONFIG,
+    nk_pack_micro_scale,
+    nk_pack_scale,
+    nk_w4a4,
+    nk_w4a16,
+)
 
 from nunchaku_ext.layers import SVDQW4A4Linear, W4A16Linear
 from nunchaku_ext.numerics import UNSIGNED_SHIFT, unpack_4bit
@@ -32,119 +34,6 @@ from nunchaku_ext.nunchaku_layout import (
     split_layer_key,
     swap_halves,
 )
-
-E2M1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=torch.float64)
-BF16 = torch.bfloat16
-
-
-# ---------------------------------------------------------------------------------------------
-# The writer: Nunchaku's layout, forward.
-
-
-def ceil_div(a, b):
-    return -(-a // b)
-
-
-def pad_to(t, multiples, fill=0):
-    """Pad each dim i of t up to a multiple of multiples[i] (deepcompressor utils.pad)."""
-    shape = [ceil_div(s, m) * m for s, m in zip(t.shape, multiples)]
-    out = torch.full(shape, fill, dtype=t.dtype)
-    out[tuple(slice(0, s) for s in t.shape)] = t
-    return out
-
-
-def nk_pack_codes(codes):
-    """pack_weight(bits=4, warp_n=128): int codes [N, K] -> int8 [N, K/2]."""
-    n, k = codes.shape
-    v = codes.to(torch.int64).reshape(n // 128, 8, 2, 8, 1, k // 64, 1, 2, 4, 8)
-    v = v.permute(0, 5, 6, 1, 3, 8, 2, 7, 4, 9) & 0xF
-    words = (v << (4 * torch.arange(8))).sum(-1)  # 8 nibbles of one 32-bit register, k ascending
-    little_endian = torch.stack([(words >> (8 * b)) & 0xFF for b in range(4)], dim=-1)
-    return little_endian.to(torch.uint8).reshape(n, k // 2).view(torch.int8)
-
-
-def nk_pack_scale(per_row):
-    """pack_scale(group 64 or per-channel, warp_n=128): [N, G] -> packed [G, N] (G=1: a vector [N])."""
-    n, g = per_row.shape
-    packed = per_row.reshape(n // 128, 1, 8, 2, 4, 2, g).permute(0, 6, 1, 2, 4, 3, 5).contiguous()
-    return packed.view(-1) if g == 1 else packed.view(g, n)
-
-
-def nk_pack_micro_scale(per_row):
-    """pack_micro_scale(group 16, warp_n=128): e4m3 [N, K/16] -> packed [K/16, N]."""
-    n, g = per_row.shape
-    raw = per_row.view(torch.uint8).reshape(n // 128, 1, 4, 4, 8, g // 4, 4)
-    return raw.permute(0, 5, 1, 4, 3, 2, 6).contiguous().view(torch.float8_e4m3fn).view(g, n)
-
-
-def nk_pack_lowrank(w, down):
-    """pad_lowrank_weight + pack_lowrank_weight: down [r, K] -> [Kp, Rp]; up [N, r] -> [Np, Rp]."""
-    w = pad_to(w, (16, 128) if down else (128, 16))
-    if down:
-        r, c = w.shape
-        tiles = w.view(r // 16, 16, c // 16, 16).permute(2, 0, 1, 3)
-    else:
-        c, r = w.shape
-        tiles = w.view(c // 16, 16, r // 16, 16).permute(0, 2, 1, 3)
-    tiles = tiles.reshape(c // 16, r // 16, 2, 8, 1, 2, 4, 2).permute(0, 1, 3, 6, 2, 5, 4, 7)
-    return tiles.contiguous().view(c, r)
-
-
-def nk_w4a4(codes, wscales, smooth, bias, down, up, *, wtscale=None, wcscales=None, smooth_orig=None,
-            scale_fill=1.0):
-    """A Nunchaku W4A4 layer from plain tensors: codes [N, K] (signed ints, or E2M1 codes 0..15),
-    wscales [K/g, N], smooth [K], bias [N], down [r, K] (already over smooth), up [N, r]."""
-    n, k = codes.shape
-    fp4 = wscales.dtype == torch.float8_e4m3fn
-    codes_p = pad_to(codes.to(torch.int32), (128, 128))
-    if fp4:
-        scales_p = pad_to(wscales.T.contiguous().view(torch.uint8), (128, 8), fill=0x38).view(torch.float8_e4m3fn)
-        packed_scales = nk_pack_micro_scale(scales_p)
-    else:
-        packed_scales = nk_pack_scale(pad_to(wscales.T, (128, 2), fill=scale_fill))
-    sd = {
-        "qweight": nk_pack_codes(codes_p),
-        "wscales": packed_scales,
-        "bias": nk_pack_scale(pad_to(bias[:, None], (128, 1))),
-        "smooth": nk_pack_scale(pad_to(smooth[:, None], (128, 1), fill=scale_fill)),
-        "smooth_orig": nk_pack_scale(pad_to((smooth if smooth_orig is None else smooth_orig)[:, None], (128, 1),
-                                            fill=scale_fill)),
-        "lora_down": nk_pack_lowrank(down, down=True),
-        "lora_up": nk_pack_lowrank(up, down=False),
-    }
-    if wtscale is not None:
-        sd["wtscale"] = torch.tensor([wtscale], dtype=BF16)
-    if wcscales is not None:
-        sd["wcscales"] = nk_pack_scale(pad_to(wcscales[:, None], (128, 1), fill=scale_fill))
-    return sd
-
-
-def nk_w4a16(codes, scales, bias, splits):
-    """deepcompressor convert_to_nunchaku_w4x16_linear_weight with zero=7 (pre-scaled) from codes
-    [N, K] in 0..15 and scales [N, K/64] (the dense weight is (code - 7) * scale): interleave the
-    adaLN chunks, add 1 to the scale chunks' bias, pack like TinyChat."""
-    n, k = codes.shape
-    g = k // 64
-    interleave = lambda t: t.reshape(splits, n // splits, *t.shape[1:]).transpose(0, 1).reshape(t.shape)  # noqa
-    codes, scales, bias = interleave(codes), interleave(scales), interleave(bias[:, None])[:, 0].clone()
-    if splits > 1:
-        delta = torch.zeros(splits, dtype=bias.dtype)
-        delta[1] = delta[-2] = 1
-        bias = (bias.view(n // splits, splits) + delta).reshape(n)
-    zeros = (7 * scales.float()).to(BF16).neg()  # zero_pre_scaled: zero * scale, stored negated
-    # TinyChat pack_w4: 32 codes -> 8 16-bit words (word j holds codes j, 8+j, 16+j, 24+j in nibbles
-    # 0..3), then rows in groups of 4 interleaved per 64 inputs.
-    c = codes.to(torch.int32).view(-1, 4, 8)
-    words = c[:, 0] | (c[:, 1] << 4) | (c[:, 2] << 8) | (c[:, 3] << 12)
-    words = words.view(n // 4, 4, k // 64, 16).permute(0, 2, 1, 3).reshape(n // 4, k)
-    stored_groups = ceil_div(ceil_div(g, 8), 2) * 2 * 8  # TinyChat ceil_num_groups(k, 64, 4)
-    pad_rows = lambda t: torch.cat([t, torch.zeros(stored_groups - g, n, dtype=t.dtype)])  # noqa: E731
-    return {
-        "qweight": words.to(torch.int16).view(torch.int32),
-        "wscales": pad_rows(scales.T.contiguous()),
-        "wzeros": pad_rows(zeros.T.contiguous()),
-        "bias": bias,
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,14 +79,14 @@ def dense_w4a4(src, alpha=1.0):
 def test_int4_layer_decodes_exactly(n, k, rank):
     src = int4_source(n, k, rank, seed=n + k + rank)
     sd = nk_w4a4(src["codes"], src["wscales"], src["smooth"], src["bias"], src["down"], src["up"])
-    (layer,) = decode_w4a4(sd, "int4", in_features=k, out_features=n, name="t")
+    layer = decode_w4a4(sd, "int4", in_features=k, out_features=n, name="t")
     t = layer.tensors
     assert torch.equal(unpack_4bit(t["qweight"], signed=True).long(), src["codes"])
     for ours, theirs in (("wscales", "wscales"), ("smooth", "smooth"), ("bias", "bias"),
                          ("lora_down", "down"), ("lora_up", "up")):
         assert torch.equal(t[ours], src[theirs]), ours
     assert layer.spec.rank == rank  # the padding to 32 of rank 20 is gone
-    assert layer.rows == (0, n) and layer.input_scale is None
+    assert layer.smooth_orig is None
     module = layer.to_module()
     assert isinstance(module, SVDQW4A4Linear) and module.precision == "int4"
     torch.testing.assert_close(module.dequantize().double(), dense_w4a4(src), rtol=1e-6, atol=1e-6)
@@ -207,11 +96,11 @@ def test_rank_padding_that_is_not_zero_is_kept():
     src = int4_source(256, 256, 32, seed=1)
     src["down"][28:] = 0  # a zero down row with a non-zero up column is not padding
     sd = nk_w4a4(src["codes"], src["wscales"], src["smooth"], src["bias"], src["down"], src["up"])
-    (layer,) = decode_w4a4(sd, "int4")
+    layer = decode_w4a4(sd, "int4")
     assert layer.spec.rank == 32
     src["up"][:, 28:] = 0  # now both are zero: dropped
     sd = nk_w4a4(src["codes"], src["wscales"], src["smooth"], src["bias"], src["down"], src["up"])
-    (layer,) = decode_w4a4(sd, "int4")
+    layer = decode_w4a4(sd, "int4")
     assert layer.spec.rank == 28
 
 
@@ -233,7 +122,7 @@ def test_int4_forward_matches_nunchakus_function():
     src = int4_source(n, k, 32, seed=3)
     src["smooth"] = (2.0 ** torch.randint(-1, 2, (k,), generator=torch.Generator().manual_seed(4))).to(BF16)
     sd = nk_w4a4(src["codes"], src["wscales"], src["smooth"], src["bias"], src["down"], src["up"])
-    module = decode_w4a4(sd, "int4")[0].to_module()
+    module = decode_w4a4(sd, "int4").to_module()
     x, xs = exact_int4_input(8, k, src["smooth"], unsigned=False, seed=5)
     residual = src["codes"].double() * src["wscales"].double().T.repeat_interleave(64, dim=1)
     want = xs @ residual.T + x.double() @ src["down"].double().T @ src["up"].double().T + src["bias"].double()
@@ -260,7 +149,7 @@ def test_int4_mlp_down_projection_with_shifted_input():
     file_bias = (shifted_module_bias + src["up"].double() @ lora_down.double()
                  @ torch.full((k,), UNSIGNED_SHIFT, dtype=torch.float64)).to(BF16)
     sd = nk_w4a4(src["codes"], src["wscales"], src["smooth"], file_bias, lora_down, src["up"])
-    (layer,) = decode_w4a4(sd, "int4", act_unsigned=True, name="transformer_blocks.0.mlp_fc2")
+    layer = decode_w4a4(sd, "int4", act_unsigned=True, name="transformer_blocks.0.mlp_fc2")
     assert torch.equal(layer.tensors["bias"], file_bias)
     module = layer.to_module()
     assert module.act_unsigned
@@ -295,11 +184,12 @@ def test_nvfp4_layer_decodes_and_computes_nunchakus_function():
     src["smooth"] = (2.0 ** torch.randint(-1, 2, (k,), generator=torch.Generator().manual_seed(10))).to(BF16)
     alpha = 0.0078125 * 1.5
     sd = nk_w4a4(src["codes"], src["wscales"], src["smooth"], src["bias"], src["down"], src["up"], wtscale=alpha)
-    (layer,) = decode_w4a4(sd, "nvfp4")
+    layer = decode_w4a4(sd, "nvfp4")
     t = layer.tensors
     assert torch.equal(unpack_4bit(t["qweight"], signed=False).long(), src["codes"])
     assert torch.equal(t["wscales"].view(torch.uint8), src["wscales"].view(torch.uint8))
     assert t["wtscale"].dtype == torch.float32 and t["wtscale"].shape == () and t["wtscale"].item() == alpha
+    assert torch.equal(t["wcscales"], torch.ones(n))  # absent from the file: 1
     module = layer.to_module()
     torch.testing.assert_close(module.dequantize().double(), dense_w4a4(src, alpha), rtol=1e-6, atol=1e-6)
     x, xs = exact_fp4_input(8, k, src["smooth"], seed=11)
@@ -308,27 +198,30 @@ def test_nvfp4_layer_decodes_and_computes_nunchakus_function():
     torch.testing.assert_close(module(x).double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_nvfp4_wcscales_uniform_folds_into_alpha_and_per_projection_splits_rows():
-    n, k = 384, 256
+@pytest.mark.parametrize("n", [384, 200])
+def test_nvfp4_per_channel_wcscales_decode_exactly(n):
+    """Any per-channel wcscales (deepcompressor writes one value per fused q/k/v projection; the
+    importer's un-fusing makes them arbitrary) becomes our fp32 wcscales value for value; N = 200
+    also cuts the padding to 256."""
+    k = 256
     src = fp4_source(n, k, 16, seed=12)
-    uniform = torch.full((n,), 0.75, dtype=BF16)
+    g = torch.Generator().manual_seed(13)
+    src["smooth"] = (2.0 ** torch.randint(-1, 2, (k,), generator=g)).to(BF16)
+    wcscales = (torch.rand(n, generator=g) * 4 + 0.01).to(BF16)
+    alpha = 0.0078125 * 1.5
     sd = nk_w4a4(src["codes"], src["wscales"], src["smooth"], src["bias"], src["down"], src["up"],
-                 wtscale=0.5, wcscales=uniform)
-    (layer,) = decode_w4a4(sd, "nvfp4")
-    assert layer.tensors["wtscale"].item() == 0.375
-    # q, k, v quantized with their own per-tensor scales (deepcompressor convert.py): three runs
-    per_projection = torch.tensor([0.5, 0.25, 2.0], dtype=BF16).repeat_interleave(n // 3)
-    sd = nk_w4a4(src["codes"], src["wscales"], src["smooth"], src["bias"], src["down"], src["up"],
-                 wtscale=0.5, wcscales=per_projection)
-    pieces = decode_w4a4(sd, "nvfp4")
-    assert [p.rows for p in pieces] == [(0, 128), (128, 256), (256, 384)]
-    weight = torch.cat([p.to_module().dequantize() for p in pieces]).double()
-    want = dense_w4a4(src) - src["up"].double() @ src["down"].double()
-    want = want * 0.5 * per_projection.double()[:, None] + src["up"].double() @ src["down"].double()
-    torch.testing.assert_close(weight, want, rtol=1e-6, atol=1e-6)
-    sd["wcscales"] = nk_pack_scale(torch.linspace(0.5, 1.0, n).to(BF16)[:, None])
-    with pytest.raises(NunchakuFormatError, match="wcscales"):
-        decode_w4a4(sd, "nvfp4")
+                 wtscale=alpha, wcscales=wcscales)
+    layer = decode_w4a4(sd, "nvfp4", out_features=n)
+    assert layer.tensors["wcscales"].dtype == torch.float32 and torch.equal(layer.tensors["wcscales"], wcscales.float())
+    assert layer.tensors["wtscale"].item() == alpha
+    module = layer.to_module()
+    lowrank = src["up"].double() @ src["down"].double()
+    want = (dense_w4a4(src) - lowrank) * alpha * wcscales.double()[:, None] + lowrank
+    torch.testing.assert_close(module.dequantize().double(), want, rtol=1e-6, atol=1e-6)
+    x, xs = exact_fp4_input(8, k, src["smooth"], seed=14)
+    residual = E2M1[src["codes"]] * src["wscales"].double().T.repeat_interleave(16, dim=1)
+    nunchaku = (alpha * (xs @ residual.T) * wcscales.double() + x.double() @ lowrank.T + src["bias"].double())
+    torch.testing.assert_close(module(x).double(), nunchaku, rtol=1e-5, atol=1e-5)
 
 
 def test_int4_refuses_scales_it_cannot_express():
@@ -342,7 +235,7 @@ def test_int4_refuses_scales_it_cannot_express():
         decode_w4a4(sd, "int4")
     ones = nk_w4a4(src["codes"], src["wscales"], src["smooth"], src["bias"], src["down"], src["up"],
                    wtscale=1.0, wcscales=torch.ones(256, dtype=BF16))
-    assert len(decode_w4a4(ones, "int4")) == 1
+    assert set(decode_w4a4(ones, "int4").tensors) == {"qweight", "wscales", "smooth", "lora_down", "lora_up", "bias"}
 
 
 def test_fused_smooth_is_reported_not_applied():
@@ -351,9 +244,9 @@ def test_fused_smooth_is_reported_not_applied():
     real = src["smooth"].clone()
     src["smooth"] = torch.ones(256, dtype=BF16)
     sd = nk_w4a4(src["codes"], src["wscales"], src["smooth"], src["bias"], src["down"], src["up"], smooth_orig=real)
-    (layer,) = decode_w4a4(sd, "int4")
+    layer = decode_w4a4(sd, "int4")
     assert torch.equal(layer.tensors["smooth"], src["smooth"])
-    assert torch.equal(layer.input_scale, real.float())
+    assert torch.equal(layer.smooth_orig, real)
     torch.testing.assert_close(layer.to_module().dequantize().double(), dense_w4a4(src), rtol=1e-6, atol=1e-6)
 
 
@@ -413,11 +306,6 @@ def test_wrong_shape_and_missing_tensors_fail_clearly():
         decode_w4a16(w16, adanorm_splits=5)
 
 
-INT4_CONFIG = {"method": "svdquant", "weight": {"dtype": "int4", "scale_dtype": None, "group_size": 64},
-               "activation": {"dtype": "int4", "scale_dtype": None, "group_size": 64}}
-FP4_CONFIG = {"method": "svdquant", "weight": {"dtype": "fp4_e2m1_all", "scale_dtype": [None, "fp8_e4m3_nan"],
-                                               "group_size": 16},
-              "activation": {"dtype": "fp4_e2m1_all", "scale_dtype": "fp8_e4m3_nan", "group_size": 16}}
 COMFY_CONFIG = {"model_class": "Flux", "model_config": {"hidden_size": 3072, "mlp_ratio": 4.0, "depth": 19}}
 
 

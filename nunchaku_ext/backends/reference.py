@@ -43,12 +43,13 @@ def quantized_branch(layer, x2):
         x_codes, x_scales = quantize_act_int4(xs, layer.act_unsigned)
         w_codes = unpack_4bit(layer.qweight, signed=True)
         return _grouped_dot(x_codes.float(), x_scales, w_codes.float(), layer.wscales.float(), INT4_GROUP)
-    # NVFP4: codes times two are integers in [-12, 12]; the 1/4 goes into the per-tensor alpha.
+    # NVFP4: codes times two are integers in [-12, 12]; the 1/4 goes into the per-tensor alpha, then
+    # the per-channel scale.
     x_codes, x_scales = quantize_act_nvfp4(xs)
     w_codes = unpack_4bit(layer.qweight, signed=False)
     acc = _grouped_dot(2 * e2m1_to_float(x_codes), x_scales.float(), 2 * e2m1_to_float(w_codes),
                        layer.wscales.float(), NVFP4_GROUP)
-    return acc * (layer.wtscale.float() / 4)
+    return acc * (layer.wtscale.float() / 4) * layer.wcscales.float()
 
 
 def w4a4_linear(layer, x):

@@ -1,0 +1,128 @@
+// NVFP4 W4A4 on the INT8 tensor cores (sm_80 and newer; THE NVFP4 path on sm_90, which has no FP4
+// MMA): a GEMM flavour and a kernel-A layout for w4a4_int8.cu's kernels (templates over both).
+//
+// Numerics (numerics.quantize_act_nvfp4 / reference.quantized_branch): E2M1 values times two are the
+// integers 0, ±1, ±2, ±3, ±4, ±6, ±8, ±12, exact in int8. Groups are 16 wide along K, so every
+// 16-group gets its own MMA, mma.sync m16n8k16 .s8 (one group's dot product, |sum| <= 16*12*12,
+// exact in int32), and its own rescale by the two FP8-E4M3 group scales (held as fp32, exact); the
+// kernel multiplies the fp32 sum by alpha = wtscale / 4 and then by wcscales[n] once at the end, as
+// the spec does.
+//
+// Layout: the interleaved INT8 layout of w4a4_int8.cu (same lanes, words and k runs), with the
+// nibbles of a word arranged for the decoder instead of interleaved:
+//   low  register (bits 0..15):  byte b = nibble b       (activations: row gid;   weights: b0 / first k16)
+//   high register (bits 16..31): byte b = nibble 4 + b   (activations: row gid+8; weights: b1 / second k16)
+// so that 16 bits of a word are the 4 byte selectors of one PRMT (see e2m1x4_to_s8x4).
+// In m16n8k16 .s8 terms (PTX "Matrix Fragments for mma.m16n8k16", integer types): A = {a0: row gid,
+// a1: row gid+8} at k tid*4 + b; B = {b0: col gid, k tid*4 + b}. Activation word j is k16 slice j's
+// A pair; weight word 2t + v holds slices 2v (low) and 2v+1 (high) of n8 tile t. K is zero-padded
+// to a multiple of 64 (codes 0, scales 0). Scales are [K64/16][M_pad] and [K64/16][N_pad], fp32.
+#pragma once
+#include <cuda_fp8.h>
+#include <stdint.h>
+
+#include <type_traits>
+
+namespace svdq {
+
+// Kernel A's packing for NVFP4 codes (interface: InterleavedNibbleLayout in w4a4_int8.cu).
+struct E2M1Layout {
+  static constexpr int kScaleGroups = 4;  // 16-wide scale groups per 64-column chunk
+  static __device__ __forceinline__ int run_k(int j, int tid) { return 16 * j + 4 * tid; }
+  static __device__ __forceinline__ int word(int j, int /*h*/) { return j; }
+  static __device__ __forceinline__ int shift(int /*j*/, int b, int h) { return 4 * b + 16 * h; }
+};
+
+// Scale groups per 64-column chunk of a layout or GEMM flavour: 4 for NVFP4, 1 (INT4) otherwise.
+template <typename T, typename = void>
+struct ScaleGroupsOf {
+  static constexpr int value = 1;
+};
+template <typename T>
+struct ScaleGroupsOf<T, std::void_t<decltype(T::kScaleGroups)>> {
+  static constexpr int value = T::kScaleGroups;
+};
+template <typename T>
+constexpr bool kE2M1Codes = ScaleGroupsOf<T>::value == 4;
+
+// numerics.quantize_act_nvfp4's group scale: e4m3(min(absmax / 6, 448)), true fp32 division, then
+// round to nearest even E4M3 (saturating; the clamp already keeps it finite), returned as fp32.
+__device__ __forceinline__ float nvfp4_group_scale(float absmax) {
+  const float s = fminf(__fdiv_rn(absmax, 6.f), 448.f);
+  return static_cast<float>(__nv_fp8_e4m3(s));
+}
+
+// numerics.round_to_e2m1 of v / scale (true division): the nearest of 0, .5, 1, 1.5, 2, 3, 4, 6, ties
+// to the even code, saturating; bit 3 = sign, never a negative zero. scale 0 -> code 0.
+__device__ __forceinline__ uint32_t e2m1_code(float v, float scale) {
+  if (!(scale > 0.f)) return 0u;
+  const float q = __fdiv_rn(v, scale);
+  const float a = fabsf(q);
+  // Each midpoint moves the index up by one; at a tie the even neighbour wins ('>' when the lower
+  // code is even, '>=' when the upper one is).
+  const uint32_t idx = (a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) + (a > 2.5f) + (a >= 3.5f) + (a > 5.f);
+  return idx | ((q < 0.f && idx > 0) ? 8u : 0u);
+}
+
+// Four E2M1 codes (the low 16 bits of sel, code b in bits 4b) -> four int8 values 2 * e2m1 (byte b).
+// PRMT is an 8-entry byte table lookup per selector nibble: one table of the magnitudes, one of their
+// negatives, then a third PRMT picks byte b from the negative (sign set) or positive result.
+__device__ __forceinline__ uint32_t e2m1x4_to_s8x4(uint32_t sel) {
+  const uint32_t idx = sel & 0x7777u;
+  const uint32_t pos = __byte_perm(0x03020100u, 0x0C080604u, idx);  //  0  1  2  3  4  6  8  12
+  const uint32_t neg = __byte_perm(0xFDFEFF00u, 0xF4F8FAFCu, idx);  //  0 -1 -2 -3 -4 -6 -8 -12
+  // selector b = b (neg) if the sign bit (bit 4b+3) is set, else 4 + b (pos)
+  return __byte_perm(neg, pos, 0x7654u - ((sel >> 1) & 0x4444u));
+}
+
+// d += A(16x16 s8) * B(16x8 s8), int32 accumulate.
+__device__ __forceinline__ void mma_s8_m16n8k16(int32_t (&d)[4], const uint32_t (&a)[2], uint32_t b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+               : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(b));
+#else
+  __trap();  // Never reached: the host selects NVFP4 only on sm_80 and newer.
+#endif
+}
+
+// The GEMM flavour: decoded int8 fragments, one k16 MMA and one rescale per 16-group.
+struct MmaE2M1S8m16n8k16 {
+  using Layout = E2M1Layout;
+  static constexpr int kScaleGroups = Layout::kScaleGroups;
+  static constexpr int kMinBlocksPerSm = 0;  // __launch_bounds__: the register budget is ptxas's
+  struct AFrag { uint32_t k16[4][2]; };  // per 16-group: a0 (row gid), a1 (row gid+8)
+  struct BFrag { uint32_t k16[4]; };     // per 16-group: b0
+  template <bool kActUnsigned>  // always false: E2M1 codes are signed
+  static __device__ __forceinline__ AFrag a_frag(uint4 w) {
+    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+    AFrag f;
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      f.k16[s][0] = e2m1x4_to_s8x4(words[s]);
+      f.k16[s][1] = e2m1x4_to_s8x4(words[s] >> 16);
+    }
+    return f;
+  }
+  static __device__ __forceinline__ BFrag b_frag(uint32_t w0, uint32_t w1) {
+    return BFrag{{e2m1x4_to_s8x4(w0), e2m1x4_to_s8x4(w0 >> 16), e2m1x4_to_s8x4(w1), e2m1x4_to_s8x4(w1 >> 16)}};
+  }
+  // sum = the exact int32 dot products of 16-group s of the chunk (sum must be zero on entry).
+  template <bool kActUnsigned>
+  static __device__ __forceinline__ void scale_group_dot(int32_t (&sum)[4], const AFrag& a, const BFrag& b, int s) {
+    mma_s8_m16n8k16(sum, a.k16[s], b.k16[s]);
+  }
+};
+
+// One scale group's exact dot product for any flavour: group s of the chunk for NVFP4, the whole
+// 64-group (s = 0) for the INT4 flavours.
+template <typename Mma, bool kActUnsigned>
+__device__ __forceinline__ void scale_group_dot(int32_t (&sum)[4], const typename Mma::AFrag& a,
+                                                const typename Mma::BFrag& b, int s) {
+  if constexpr (kE2M1Codes<Mma>)
+    Mma::template scale_group_dot<kActUnsigned>(sum, a, b, s);
+  else
+    Mma::template group_dot<kActUnsigned>(sum, a, b);
+}
+
+}  // namespace svdq
