@@ -1,0 +1,73 @@
+"""Our quantized layers as ComfyUI sees them: ModelPatcher's view of a layer, nothing numeric.
+
+ComfyUI's ModelPatcher treats a module with a `comfy_cast_weights` attribute as one it may leave
+on the offload device ("low VRAM"): it then sets `comfy_cast_weights = True` and the module must
+bring its tensors to the input's device per call. It finds LoRA targets and accepts patches only
+for keys in the model's state dict, so each quantized layer has an empty `weight` marker: the
+patches on "<name>.weight" are absorbed into the low-rank branch by nodes.lora_patches, never
+computed on a dense weight.
+"""
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.ops
+
+from nunchaku_ext import backends
+from nunchaku_ext.lora import SVDQW4A4LinearLoRA, W4A16LinearLoRA
+
+
+class _ComfyQuantizedLinear(comfy.ops.CastWeightBiasOp):
+    def _init_comfy(self):
+        # Never on "meta" (a layer built there and then loaded with assign=True): an empty tensor
+        # costs nothing anywhere, but a meta one could not be moved to a device.
+        device = "cpu" if self.qweight.is_meta else self.qweight.device
+        self.register_buffer("weight", torch.empty(0, dtype=torch.uint8, device=device))
+        # The patch set whose adapters are installed (see nodes.lora_patches).
+        self.installed_patches = None
+
+    def forward(self, x):
+        comfy.ops.run_every_op()
+        if self.comfy_cast_weights or self.weight_function or self.bias_function:
+            return self._forward_streamed(x)
+        return super().forward(x)
+
+    def _forward_streamed(self, x):
+        """Low-VRAM path: this layer's tensors stay on the offload device and visit x's device for
+        one call. Its LoRA patches are already in its branch (installed when the model loaded)."""
+        for f in list(self.weight_function) + list(self.bias_function):
+            if not isinstance(f, comfy.model_patcher.LowVramPatch):
+                raise RuntimeError(f"SVDQuant: a weight function ({type(f).__name__}) was added to a 4-bit "
+                                   "layer; only LoRA patches (absorbed into the low-rank branch) are supported")
+        resident = dict(self._buffers)
+        non_blocking = comfy.model_management.device_supports_non_blocking(x.device)
+        try:
+            for name, t in resident.items():
+                if t is not None:
+                    self._buffers[name] = comfy.model_management.cast_to(t, device=x.device, non_blocking=non_blocking)
+            return super().forward(x)
+        finally:
+            self._buffers.update(resident)
+            # A kernel backend may keep a repacked copy per device; a streamed layer must not.
+            release = getattr(backends.get(self.backend), "release", None)
+            if release is not None:
+                release(self)
+
+
+class ComfySVDQW4A4Linear(_ComfyQuantizedLinear, SVDQW4A4LinearLoRA):
+    def __init__(self, *args, **kwargs):
+        SVDQW4A4LinearLoRA.__init__(self, *args, **kwargs)
+        self._init_comfy()
+
+
+class ComfyW4A16Linear(_ComfyQuantizedLinear, W4A16LinearLoRA):
+    def __init__(self, *args, **kwargs):
+        W4A16LinearLoRA.__init__(self, *args, **kwargs)
+        self._init_comfy()
+
+
+def make_comfy_layer(spec, precision, dtype, device=None) -> torch.nn.Module:
+    if spec.kind == "w4a4":
+        return ComfySVDQW4A4Linear(spec.in_features, spec.out_features, spec.rank, bias=spec.bias,
+                                   precision=precision, act_unsigned=spec.act_unsigned, dtype=dtype, device=device)
+    return ComfyW4A16Linear(spec.in_features, spec.out_features, bias=spec.bias, dtype=dtype, device=device)
