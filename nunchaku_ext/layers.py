@@ -170,13 +170,17 @@ class W4A16Linear(_QuantizedLinear):
         return backends.get(self.backend).w4a16_linear(self, x)
 
 
-def make_layer(spec: LayerSpec, precision: str, dtype=torch.bfloat16, device=None) -> torch.nn.Module:
-    """An empty (uninitialized) module for a declared layer; fill it with load_state_dict."""
+def make_layer(spec: LayerSpec, precision: str, dtype=torch.bfloat16, device=None, *,
+               w4a4_class=None, w4a16_class=None) -> torch.nn.Module:
+    """An empty (uninitialized) module for a declared layer; fill it with load_state_dict.
+    w4a4_class / w4a16_class: subclasses to build instead (e.g. the LoRA-capable ones)."""
     if spec.kind == "w4a4":
-        return SVDQW4A4Linear(spec.in_features, spec.out_features, spec.rank, bias=spec.bias,
-                              precision=precision, act_unsigned=spec.act_unsigned, dtype=dtype, device=device)
+        return (w4a4_class or SVDQW4A4Linear)(spec.in_features, spec.out_features, spec.rank, bias=spec.bias,
+                                              precision=precision, act_unsigned=spec.act_unsigned, dtype=dtype,
+                                              device=device)
     if spec.kind == "w4a16":
-        return W4A16Linear(spec.in_features, spec.out_features, bias=spec.bias, dtype=dtype, device=device)
+        return (w4a16_class or W4A16Linear)(spec.in_features, spec.out_features, bias=spec.bias, dtype=dtype,
+                                            device=device)
     raise ValueError(f"unknown layer kind {spec.kind!r}; known: w4a4, w4a16")
 
 
@@ -209,13 +213,14 @@ class SplitLinear(torch.nn.Module):
         return y.to(x.dtype)
 
 
-def make_module(parts: dict, precision: str, dtype=torch.bfloat16, device=None) -> torch.nn.Module:
+def make_module(parts: dict, precision: str, dtype=torch.bfloat16, device=None, **classes) -> torch.nn.Module:
     """The module for one linear of the model: parts maps part name -> LayerSpec, with the single
-    key "" for a whole layer (CheckpointInfo.modules() gives this map)."""
+    key "" for a whole layer (CheckpointInfo.modules() gives this map). `classes` as for make_layer."""
     if set(parts) == {""}:
-        return make_layer(parts[""], precision, dtype, device)
+        return make_layer(parts[""], precision, dtype, device, **classes)
     mode = {spec.part[0] for spec in parts.values()}
     if len(mode) != 1:
         raise ValueError(f"parts of one linear must all split rows or all split columns, got {sorted(mode)}")
-    return SplitLinear(mode.pop(), {name: (spec.part[1], spec.part[2], make_layer(spec, precision, dtype, device))
+    return SplitLinear(mode.pop(), {name: (spec.part[1], spec.part[2],
+                                           make_layer(spec, precision, dtype, device, **classes))
                                     for name, spec in parts.items()})
