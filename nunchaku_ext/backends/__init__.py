@@ -3,9 +3,10 @@
 against. A backend module is imported on first use, so an unavailable one never breaks import."""
 import importlib
 
+# Relative to this package, so the engine works under whatever name it is imported.
 _MODULES = {
-    "reference": "nunchaku_ext.backends.reference",
-    "cuda": "nunchaku_ext.backends.cuda",
+    "reference": ".reference",
+    "cuda": ".cuda",
 }
 
 
@@ -18,4 +19,4 @@ def get(name: str):
         module = _MODULES[name]
     except KeyError:
         raise ValueError(f"unknown backend {name!r}; available: {', '.join(_MODULES)}") from None
-    return importlib.import_module(module)
+    return importlib.import_module(module, __package__)
