@@ -31,8 +31,8 @@ def median_ms(fn, inputs, warmup=10, reps=50):
     return statistics.median(times)
 
 
-def random_layer(N, K, rank, dtype=torch.bfloat16):
-    layer = SVDQW4A4Linear(K, N, rank, bias=True, dtype=dtype, device="cuda")
+def random_layer(N, K, rank, dtype=torch.bfloat16, unsigned=False):
+    layer = SVDQW4A4Linear(K, N, rank, bias=True, act_unsigned=unsigned, dtype=dtype, device="cuda")
     layer.qweight.copy_(numerics.pack_4bit(torch.randint(-8, 8, (N, K), device="cuda")))
     layer.wscales.copy_((torch.rand(K // 64, N, device="cuda") * 0.02 + 1e-3).to(dtype))
     layer.smooth.copy_((torch.rand(K, device="cuda") + 0.5).to(dtype))

@@ -167,6 +167,66 @@ struct MmaS8m16n8k32 {
   }
 };
 
+// Kernel A's quantizer for one 64-column chunk of a lane's two rows, shared with the MLP kernel
+// (w4a4_mlp.cuh). xs[h][j][b] is the smoothed value of row half h at k = Layout::run_k(j, tid) + b;
+// the 4 lanes of a gid hold the rows' chunk between them, so all 32 lanes must call it together.
+// Out: the lane's packed words, and per row half the scale of scale group tid.
+template <bool kUnsigned, typename Layout>
+__device__ __forceinline__ void quantize_lane_chunk(const float (&xs)[2][4][4], int tid, uint32_t (&words)[4],
+                                                    float (&my_scale)[2]) {
+  constexpr int kScaleGroups = ScaleGroupsOf<Layout>::value;  // per 64 columns: 1 (INT4) or 4 (NVFP4)
+  // Per scale group (INT4: the whole 64-group, all runs; NVFP4: run j = s, 16 columns): the row's
+  // scale, then its codes. One group at a time keeps few values live.
+  words[0] = words[1] = words[2] = words[3] = 0u;
+  my_scale[0] = my_scale[1] = 0.f;  // the scale this lane stores per row half: scale group tid
+#pragma unroll
+  for (int s = 0; s < kScaleGroups; ++s) {
+    float scale[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      // Signed: absmax. Unsigned: max clamped at 0 (numerics.quantize_act_int4).
+      float amax = 0.f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (kScaleGroups > 1 && j != s) continue;
+#pragma unroll
+        for (int b = 0; b < 4; ++b) amax = fmaxf(amax, kUnsigned ? xs[h][j][b] : fabsf(xs[h][j][b]));
+      }
+      // The 4 lanes of this gid (lanes 4*gid .. 4*gid+3) hold the row's group between them.
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+      if constexpr (kE2M1Codes<Layout>)
+        scale[h] = nvfp4_group_scale(amax);
+      else
+        scale[h] = __fdiv_rn(amax, kUnsigned ? 15.f : 7.f);
+      if (tid == s) my_scale[h] = scale[h];
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (kScaleGroups > 1 && j != s) continue;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          uint32_t nibble;
+          if constexpr (kE2M1Codes<Layout>) {
+            nibble = e2m1_code(xs[h][j][b], scale[h]);
+          } else {
+            // code = round_half_even(xs / scale) (IEEE division), clamped; scale 0 -> code 0.
+            float q = 0.f;
+            if (scale[h] > 0.f) {
+              q = rintf(__fdiv_rn(xs[h][j][b], scale[h]));
+              q = kUnsigned ? fminf(fmaxf(q, 0.f), 15.f) : fminf(fmaxf(q, -7.f), 7.f);
+            }
+            nibble = static_cast<uint32_t>(static_cast<int>(q)) & 0xFu;
+          }
+          words[Layout::word(j, h)] |= nibble << Layout::shift(j, b, h);
+        }
+      }
+    }
+  }
+}
+
 // ================================================================================================
 // Kernel A: activation quantization + low-rank down projection.
 //
@@ -242,56 +302,9 @@ quantize_act_lora_down_kernel(const InT* __restrict__ x, int64_t ldx, const floa
         }
       }
 
-      // Per scale group (INT4: the whole 64-group, all runs; NVFP4: run j = s, 16 columns): the row's
-      // scale, then its codes. One group at a time keeps few values live.
-      uint32_t words[4] = {0u, 0u, 0u, 0u};
-      float my_scale[2] = {0.f, 0.f};  // the scale this lane stores per row half: scale group tid
-#pragma unroll
-      for (int s = 0; s < kScaleGroups; ++s) {
-        float scale[2];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          // Signed: absmax. Unsigned: max clamped at 0 (numerics.quantize_act_int4).
-          float amax = 0.f;
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            if (kScaleGroups > 1 && j != s) continue;
-#pragma unroll
-            for (int b = 0; b < 4; ++b) amax = fmaxf(amax, kUnsigned ? xs[h][j][b] : fabsf(xs[h][j][b]));
-          }
-          // The 4 lanes of this gid (lanes 4*gid .. 4*gid+3) hold the row's group between them.
-          amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-          amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-          if constexpr (kE2M1Codes<Layout>)
-            scale[h] = nvfp4_group_scale(amax);
-          else
-            scale[h] = __fdiv_rn(amax, kUnsigned ? 15.f : 7.f);
-          if (tid == s) my_scale[h] = scale[h];
-        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          if (kScaleGroups > 1 && j != s) continue;
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-#pragma unroll
-            for (int b = 0; b < 4; ++b) {
-              uint32_t nibble;
-              if constexpr (kE2M1Codes<Layout>) {
-                nibble = e2m1_code(xs[h][j][b], scale[h]);
-              } else {
-                // code = round_half_even(xs / scale) (IEEE division), clamped; scale 0 -> code 0.
-                float q = 0.f;
-                if (scale[h] > 0.f) {
-                  q = rintf(__fdiv_rn(xs[h][j][b], scale[h]));
-                  q = kUnsigned ? fminf(fmaxf(q, 0.f), 15.f) : fminf(fmaxf(q, -7.f), 7.f);
-                }
-                nibble = static_cast<uint32_t>(static_cast<int>(q)) & 0xFu;
-              }
-              words[Layout::word(j, h)] |= nibble << Layout::shift(j, b, h);
-            }
-          }
-        }
-      }
+      uint32_t words[4];
+      float my_scale[2];
+      quantize_lane_chunk<kUnsigned, Layout>(xs, tid, words, my_scale);
       act_packed[(static_cast<int64_t>(mtile) * G + g) * 32 + lane] = make_uint4(words[0], words[1], words[2], words[3]);
       // Every lane of a row computed all its scales; lane tid stores scale group tid.
       if (tid < kScaleGroups) {
@@ -372,27 +385,36 @@ static_assert(kGemmBlockM == kGemmWarpsM * kWarpM, "block tile M");
 static_assert(kGemmBlockN == kGemmWarpsN * kWarpN, "block tile N");
 constexpr int kLoraChunk = 16;  // ranks staged in shared memory at a time
 
-template <typename OutT, bool kActUnsigned, typename Mma>
-__global__ void __launch_bounds__(kGemmThreads, Mma::kMinBlocksPerSm)
-w4a4_gemm_kernel(const uint4* __restrict__ act_packed, const float* __restrict__ act_scales,
-                 const float* __restrict__ lora_act, const uint4* __restrict__ wgt_packed,
-                 const float* __restrict__ wgt_scales, const float* __restrict__ lora_up,
-                 const float* __restrict__ bias, OutT* __restrict__ out, int M, int N, int M_pad, int N_pad,
-                 int G, int R16, float alpha, const float* __restrict__ channel_scale) {
+// A lane's place in the block tile. Its accumulator acc[i][j][e] (the C fragment of mma tile (i, j))
+// is row warp_row + 16i + gid + 8(e/2), column warp_col + 8j + 2tid + e%2.
+struct GemmLane {
+  int warp, lane, gid, tid, warp_m, warp_n, block_row, block_col, warp_row, warp_col;
+  __device__ GemmLane()
+      : warp(threadIdx.x / 32), lane(threadIdx.x % 32), gid(lane / 4), tid(lane % 4), warp_m(warp / kGemmWarpsN),
+        warp_n(warp % kGemmWarpsN), block_row(blockIdx.y * kGemmBlockM), block_col(blockIdx.x * kGemmBlockN),
+        warp_row(block_row + warp_m * kWarpM), warp_col(block_col + warp_n * kWarpN) {}
+};
+
+// The block's fp32 results before the bias, in the lanes' accumulators (GemmLane): the quantized
+// branch, NVFP4's factors, the low-rank branch. Shared by w4a4_gemm_kernel and the MLP's fc1 kernel
+// (w4a4_mlp.cuh), which differ only in what their epilogue does with it.
+template <bool kActUnsigned, typename Mma>
+__device__ __forceinline__ void w4a4_block_acc(const uint4* __restrict__ act_packed, const float* __restrict__ act_scales,
+                                               const float* __restrict__ lora_act, const uint4* __restrict__ wgt_packed,
+                                               const float* __restrict__ wgt_scales, const float* __restrict__ lora_up,
+                                               int M_pad, int N_pad, int G, int R16, float alpha,
+                                               const float* __restrict__ channel_scale,
+                                               float (&acc)[kWarpTilesM][kWarpTilesN][4]) {
   constexpr int kScaleGroups = ScaleGroupsOf<Mma>::value;  // per 64-k chunk: 1 (INT4) or 4 (NVFP4)
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int gid = lane / 4, tid = lane % 4;
-  const int warp_m = warp / kGemmWarpsN, warp_n = warp % kGemmWarpsN;
-  const int block_row = blockIdx.y * kGemmBlockM, block_col = blockIdx.x * kGemmBlockN;
-  const int warp_row = block_row + warp_m * kWarpM;  // first row of this warp's tile
-  const int warp_col = block_col + warp_n * kWarpN;
+  const GemmLane t;
+  const int lane = t.lane, gid = t.gid, tid = t.tid, warp_m = t.warp_m, warp_n = t.warp_n;
+  const int block_row = t.block_row, block_col = t.block_col, warp_row = t.warp_row, warp_col = t.warp_col;
 
   // Per-lane streams, advanced by 32 uint4 per group.
   const uint4* a_src = act_packed + (static_cast<int64_t>(warp_row / 16) * G) * 32 + lane;
   const uint4* b_src = wgt_packed + (static_cast<int64_t>(warp_col / 16) * G) * 32 + lane;
   const int64_t a_tile_stride = static_cast<int64_t>(G) * 32;  // next m16 tile / next n16 pair
 
-  float acc[kWarpTilesM][kWarpTilesN][4];
 #pragma unroll
   for (int i = 0; i < kWarpTilesM; ++i)
 #pragma unroll
@@ -515,6 +537,21 @@ w4a4_gemm_kernel(const uint4* __restrict__ act_packed, const float* __restrict__
     }
   }
 
+}
+
+template <typename OutT, bool kActUnsigned, typename Mma>
+__global__ void __launch_bounds__(kGemmThreads, Mma::kMinBlocksPerSm)
+w4a4_gemm_kernel(const uint4* __restrict__ act_packed, const float* __restrict__ act_scales,
+                 const float* __restrict__ lora_act, const uint4* __restrict__ wgt_packed,
+                 const float* __restrict__ wgt_scales, const float* __restrict__ lora_up,
+                 const float* __restrict__ bias, OutT* __restrict__ out, int M, int N, int M_pad, int N_pad,
+                 int G, int R16, float alpha, const float* __restrict__ channel_scale) {
+  float acc[kWarpTilesM][kWarpTilesN][4];
+  w4a4_block_acc<kActUnsigned, Mma>(act_packed, act_scales, lora_act, wgt_packed, wgt_scales, lora_up, M_pad, N_pad,
+                                    G, R16, alpha, channel_scale, acc);
+  const GemmLane t;
+  const int gid = t.gid, tid = t.tid, warp_row = t.warp_row, warp_col = t.warp_col;
+
   // ---------------- epilogue 2: bias, one rounding, guarded stores
   const bool pair_aligned = (N % 2) == 0;  // then (row*N + even col) is even: 4-byte stores
 #pragma unroll
@@ -617,3 +654,6 @@ cudaError_t launch_w4a4_gemm(const GemmArgs& a, bool output_is_bf16, bool act_un
 }
 
 }  // namespace svdq
+
+// The MLP variant of kernel B (fc1 with GELU and the quantization of fc2's input in its epilogue).
+#include "w4a4_mlp.cuh"

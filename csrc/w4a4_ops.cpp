@@ -8,6 +8,7 @@
 
 #include "w4a16_gemv.h"
 #include "w4a4_int8.h"
+#include "w4a4_mlp.h"
 
 namespace {
 
@@ -116,13 +117,11 @@ std::vector<at::Tensor> quantize_act_lora_down(const at::Tensor& x, const at::Te
 // [K/64, N_pad] ([K64/16, N_pad] for NVFP4), lora_up fp32 [N_pad, R16], bias fp32 [N_pad]; NVFP4 only:
 // alpha (wtscale / 4) and channel_scale fp32 [N_pad] (wcscales), the factors on the quantized branch.
 // Returns y [M, N] in out_dtype.
-at::Tensor w4a4_gemm(const at::Tensor& act_packed, const at::Tensor& act_scales, const at::Tensor& lora_act,
-                     const at::Tensor& wgt_packed, const at::Tensor& wgt_scales, const at::Tensor& lora_up,
-                     const at::Tensor& bias, int64_t M, int64_t N, bool act_unsigned, const std::string& mma_path,
-                     at::ScalarType out_dtype, c10::optional<at::Tensor> out_opt, double alpha,
-                     c10::optional<at::Tensor> channel_scale) {
-  TORCH_CHECK(out_dtype == at::kBFloat16 || out_dtype == at::kHalf, "output must be bfloat16 or float16");
-  const svdq::MmaPath path = parse_mma_path(mma_path);
+// The GEMM's operand checks, shared by w4a4_gemm and w4a4_mlp_fc1: its arguments, less the output.
+svdq::GemmArgs checked_gemm_args(const at::Tensor& act_packed, const at::Tensor& act_scales, const at::Tensor& lora_act,
+                                 const at::Tensor& wgt_packed, const at::Tensor& wgt_scales, const at::Tensor& lora_up,
+                                 const at::Tensor& bias, int64_t M, int64_t N, bool act_unsigned, svdq::MmaPath path,
+                                 double alpha, const c10::optional<at::Tensor>& channel_scale) {
   const int64_t scale_groups = scale_groups_per_64(path, act_unsigned);
   TORCH_CHECK(act_packed.is_cuda() && act_packed.dim() == 4 && act_packed.scalar_type() == at::kInt,
               "act_packed must be the int32 CUDA tensor made by quantize_act_lora_down");
@@ -146,11 +145,6 @@ at::Tensor w4a4_gemm(const at::Tensor& act_packed, const at::Tensor& act_scales,
   if (channel_scale) check_f32(*channel_scale, "channel_scale", {N_pad}, dev);
   TORCH_CHECK(N_pad / svdq::kGemmBlockN < 65536 * 1024 && M_pad / svdq::kGemmBlockM < 65536, "problem too large");
 
-  const c10::cuda::CUDAGuard guard(dev);
-  at::Tensor out = out_opt ? *out_opt : at::empty({M, N}, act_scales.options().dtype(out_dtype));
-  TORCH_CHECK(out.device() == dev && out.scalar_type() == out_dtype && out.is_contiguous() &&
-                  out.sizes() == at::IntArrayRef({M, N}),
-              "out must be a contiguous [M, N] tensor of the output dtype");
   svdq::GemmArgs a;
   a.act_packed = act_packed.data_ptr();
   a.act_scales = act_scales.data_ptr<float>();
@@ -159,7 +153,6 @@ at::Tensor w4a4_gemm(const at::Tensor& act_packed, const at::Tensor& act_scales,
   a.wgt_scales = wgt_scales.data_ptr<float>();
   a.lora_up = lora_up.data_ptr<float>();
   a.bias = bias.data_ptr<float>();
-  a.out = out.data_ptr();
   a.M = static_cast<int>(M);
   a.N = static_cast<int>(N);
   a.M_pad = static_cast<int>(M_pad);
@@ -168,10 +161,85 @@ at::Tensor w4a4_gemm(const at::Tensor& act_packed, const at::Tensor& act_scales,
   a.R16 = static_cast<int>(R16);
   a.alpha = static_cast<float>(alpha);
   a.channel_scale = channel_scale ? channel_scale->data_ptr<float>() : nullptr;
+  return a;
+}
+
+at::Tensor w4a4_gemm(const at::Tensor& act_packed, const at::Tensor& act_scales, const at::Tensor& lora_act,
+                     const at::Tensor& wgt_packed, const at::Tensor& wgt_scales, const at::Tensor& lora_up,
+                     const at::Tensor& bias, int64_t M, int64_t N, bool act_unsigned, const std::string& mma_path,
+                     at::ScalarType out_dtype, c10::optional<at::Tensor> out_opt, double alpha,
+                     c10::optional<at::Tensor> channel_scale) {
+  TORCH_CHECK(out_dtype == at::kBFloat16 || out_dtype == at::kHalf, "output must be bfloat16 or float16");
+  const svdq::MmaPath path = parse_mma_path(mma_path);
+  svdq::GemmArgs a = checked_gemm_args(act_packed, act_scales, lora_act, wgt_packed, wgt_scales, lora_up, bias, M, N,
+                                       act_unsigned, path, alpha, channel_scale);
+  const at::Device dev = act_packed.device();
+  const c10::cuda::CUDAGuard guard(dev);
+  at::Tensor out = out_opt ? *out_opt : at::empty({M, N}, act_scales.options().dtype(out_dtype));
+  TORCH_CHECK(out.device() == dev && out.scalar_type() == out_dtype && out.is_contiguous() &&
+                  out.sizes() == at::IntArrayRef({M, N}),
+              "out must be a contiguous [M, N] tensor of the output dtype");
+  a.out = out.data_ptr();
   check_cuda_error(svdq::launch_w4a4_gemm(a, out_dtype == at::kBFloat16, act_unsigned, path,
                                           c10::cuda::getCurrentCUDAStream().stream()),
                    "w4a4_gemm kernel");
   return out;
+}
+
+// The MLP's fc1 with GELU and fc2's input quantization fused (w4a4_mlp.cuh). fc1's operands as for
+// w4a4_gemm (signed INT4 input, N1 = its out_features = fc2's in_features, a multiple of 64); dtype:
+// the activation dtype (h is rounded to it); smooth2 fp32 [N1] and lora_down2 fp32 [R2, N1] are fc2's.
+// Returns fc2's GEMM input as quantize_act_lora_down would make it from h: (act_packed int32
+// [M_pad/16, N1/64, 32, 4], act_scales fp32 [N1/64, M_pad], lora_act fp32 [M_pad, R2_16]).
+// Optional outputs as for quantize_act_lora_down; hidden_out (tests): h [M, N1] in dtype.
+std::vector<at::Tensor> w4a4_mlp_fc1(const at::Tensor& act_packed, const at::Tensor& act_scales,
+                                     const at::Tensor& lora_act, const at::Tensor& wgt_packed,
+                                     const at::Tensor& wgt_scales, const at::Tensor& lora_up, const at::Tensor& bias,
+                                     int64_t M, int64_t N1, const std::string& mma_path, at::ScalarType dtype,
+                                     const at::Tensor& smooth2, const at::Tensor& lora_down2,
+                                     c10::optional<at::Tensor> act2_packed_out, c10::optional<at::Tensor> act2_scales_out,
+                                     c10::optional<at::Tensor> lora_act2_out, c10::optional<at::Tensor> hidden_out) {
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "dtype must be bfloat16 or float16");
+  const svdq::MmaPath path = parse_mma_path(mma_path);
+  TORCH_CHECK(path != svdq::MmaPath::kE2M1S8m16n8k16, "the fused MLP is for INT4 layers only");
+  TORCH_CHECK(N1 % svdq::kGroup == 0, "the hidden width ", N1, " is not a multiple of 64");
+  svdq::MlpFc1Args a;
+  a.fc1 = checked_gemm_args(act_packed, act_scales, lora_act, wgt_packed, wgt_scales, lora_up, bias, M, N1,
+                            /*act_unsigned=*/false, path, 1.0, c10::nullopt);
+  const at::Device dev = act_packed.device();
+  const int64_t M_pad = a.fc1.M_pad, N_pad = a.fc1.N_pad, G2 = N1 / svdq::kGroup, R2 = lora_down2.size(0);
+  const int64_t R2_16 = round_up(R2, 16);
+  check_f32(smooth2, "smooth2", {N1}, dev);
+  check_f32(lora_down2, "lora_down2", {R2, N1}, dev);
+
+  const c10::cuda::CUDAGuard guard(dev);
+  auto f32 = act_scales.options();
+  at::Tensor act2 = act2_packed_out ? *act2_packed_out : at::empty({M_pad / 16, G2, 32, 4}, act_packed.options());
+  at::Tensor scales2 = act2_scales_out ? *act2_scales_out : at::empty({G2, M_pad}, f32);
+  at::Tensor lora_act2 = lora_act2_out ? *lora_act2_out : at::empty({M_pad, R2_16}, f32);
+  TORCH_CHECK(act2.device() == dev && act2.scalar_type() == at::kInt && act2.is_contiguous() &&
+                  act2.sizes() == at::IntArrayRef({M_pad / 16, G2, 32, 4}),
+              "act2_packed_out must be int32 [M_pad/16, N1/64, 32, 4]");
+  check_f32(scales2, "act2_scales_out", {G2, M_pad}, dev);
+  check_f32(lora_act2, "lora_act2_out", {M_pad, R2_16}, dev);
+  if (hidden_out)
+    TORCH_CHECK(hidden_out->device() == dev && hidden_out->scalar_type() == dtype && hidden_out->is_contiguous() &&
+                    hidden_out->sizes() == at::IntArrayRef({M, N1}),
+                "hidden_out must be a contiguous [M, N1] tensor of dtype");
+  // Each column block's part of lora_act2, summed in order by a second launch (deterministic).
+  at::Tensor partial = at::empty({R2 ? N_pad / svdq::kGemmBlockN : 0, M_pad, R2_16}, f32);
+  a.smooth2 = smooth2.data_ptr<float>();
+  a.lora_down2 = lora_down2.data_ptr<float>();
+  a.R2 = static_cast<int>(R2);
+  a.R2_16 = static_cast<int>(R2_16);
+  a.act2_packed = act2.data_ptr();
+  a.act2_scales = scales2.data_ptr<float>();
+  a.lora_partial = partial.data_ptr<float>();
+  a.lora_act2 = lora_act2.data_ptr<float>();
+  a.hidden_out = hidden_out ? hidden_out->data_ptr() : nullptr;
+  check_cuda_error(svdq::launch_w4a4_mlp_fc1(a, dtype == at::kBFloat16, path, c10::cuda::getCurrentCUDAStream().stream()),
+                   "w4a4_mlp_fc1 kernel");
+  return {act2, scales2, lora_act2};
 }
 
 // W4A16 (modulation linears): x [M, K] bf16/fp16 (unit column stride, row stride multiple of 8,
@@ -237,6 +305,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lora_up"), py::arg("bias"), py::arg("M"), py::arg("N"), py::arg("act_unsigned"),
         py::arg("mma_path"), py::arg("out_dtype"), py::arg("out") = py::none(), py::arg("alpha") = 1.0,
         py::arg("channel_scale") = py::none());
+  m.def("w4a4_mlp_fc1", &w4a4_mlp_fc1, "MLP fc1 GEMM + GELU(tanh) + fc2 input quantization (kernel B, MLP variant)",
+        py::arg("act_packed"), py::arg("act_scales"), py::arg("lora_act"), py::arg("wgt_packed"),
+        py::arg("wgt_scales"), py::arg("lora_up"), py::arg("bias"), py::arg("M"), py::arg("N1"), py::arg("mma_path"),
+        py::arg("dtype"), py::arg("smooth2"), py::arg("lora_down2"), py::arg("act2_packed_out") = py::none(),
+        py::arg("act2_scales_out") = py::none(), py::arg("lora_act2_out") = py::none(),
+        py::arg("hidden_out") = py::none());
   m.attr("GEMM_BLOCK_M") = svdq::kGemmBlockM;
   m.attr("GEMM_BLOCK_N") = svdq::kGemmBlockN;
   m.attr("GROUP") = svdq::kGroup;

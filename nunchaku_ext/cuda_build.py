@@ -41,7 +41,7 @@ VERBOSE_ENV = "SVDQ_BUILD_VERBOSE"  # 1: echo the compiler output, incl. -Xptxas
 
 CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("w4a4_ops.cpp", "w4a4_int8.cu", "w4a16_gemv.cu")
-HEADERS = ("w4a4_int8.h", "w4a16_gemv.h", "w4a4_s4.cuh")
+HEADERS = ("w4a4_int8.h", "w4a16_gemv.h", "w4a4_s4.cuh", "w4a4_nvfp4.cuh", "w4a4_mlp.h", "w4a4_mlp.cuh")
 
 DEFAULT_CUDA_HOMES = ("/usr/local/cuda",)
 

@@ -497,6 +497,23 @@ def test_prepared_copy_follows_buffer_changes(mma_path):
 
 
 @requires_cuda
+def test_prepared_copy_follows_replaced_buffers_in_inference_mode(mma_path):
+    """ComfyUI samples under inference_mode (inference tensors have no version counter), and a LoRA
+    strength change replaces lora_up by a new tensor of the same shape, which the caching allocator
+    may place at the freed tensor's address."""
+    layer = make_layer(256, 256, 16)
+    x = make_input((64,), 256, unsigned=False, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        check_linear(layer, x, via_module=True)
+        for scale in (2.0, -0.5):
+            up = layer.lora_up * scale
+            layer.lora_up = None  # free the old tensor first, so its address is free for the next one
+            layer.lora_up = up.clone()
+            del up
+            check_linear(layer, x, via_module=True)
+
+
+@requires_cuda
 def test_repeatable(mma_path):
     layer = make_layer(3072, 3072, 32)
     x = make_input((999,), 3072, unsigned=False, dtype=torch.bfloat16)
@@ -597,6 +614,8 @@ def test_build_all_archs(tmp_path, monkeypatch):
         names = [name for name, sm, _, _ in kernels if sm == arch.replace(".", "")]
         for flavour in FLAVOURS.values():
             assert sum("w4a4_gemm_kernel" in n and flavour in n for n in names) == 4, (arch, names)
+            # the MLP's fc1 variant (tests/test_cuda_mlp.py): bf16/fp16, signed input
+            assert sum("w4a4_mlp_fc1_kernel" in n and flavour in n for n in names) == 2, (arch, names)
         for layout in ("InterleavedNibbleLayout", "NativeS4Layout"):
             assert sum("quantize_act_lora_down_kernel" in n and layout in n for n in names) == 4, (arch, names)
     spilling = [(name, sm) for name, sm, stores, loads in kernels if stores != "0" or loads != "0"]

@@ -17,12 +17,17 @@ layer and device, made on first use with torch ops on the device and remade only
 buffer changes (a new tensor, or an in-place write, which bumps the tensor's version counter).
 
 W4A16 layers (the modulation linears) run on their own kernel: backends/cuda_w4a16.py.
+
+An MLP pair fc1 -> GELU(tanh) -> fc2 (`mlp_w4a4`, spec: backends/reference_mlp.py) runs fc1's GEMM
+with GELU and the quantization of fc2's input fused into its epilogue (csrc/w4a4_mlp.cuh), so the
+hidden activation is written only as fc2's 4-bit codes, scales and low-rank product.
 """
 import logging
 import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .. import cuda_build
 from ..layers import BACKEND_STATE_ATTR
@@ -200,9 +205,20 @@ class Prepared:
     lora_up: torch.Tensor     # fp32 [N_pad, R16]
 
 
-def _fingerprint(*tensors):
-    return tuple(None if t is None else (t.data_ptr(), t._version, tuple(t.shape), t.dtype, t.device)
-                 for t in tensors)
+class _Sources:
+    """What a repacked copy was made from: the tensor objects themselves (a replaced buffer is a new
+    object even where the caching allocator reuses its address, so data_ptr cannot tell) and their
+    version counters (in-place writes; inference tensors have none, and cannot be written in place
+    outside inference mode, where ComfyUI samples)."""
+
+    def __init__(self, *tensors):
+        self.tensors = tensors
+        self.versions = tuple(None if t is None or t.is_inference() else t._version for t in tensors)
+
+    def __eq__(self, other):
+        return (isinstance(other, _Sources) and len(self.tensors) == len(other.tensors)
+                and all(a is b for a, b in zip(self.tensors, other.tensors)) and self.versions == other.versions)
+
 
 
 def _prepare_base(layer, device, layout):
@@ -246,13 +262,13 @@ def prepare(layer, device, path=None) -> Prepared:
     for other in [d for d in cache if d != device]:
         del cache[other]
     entry = cache.setdefault(device, {})
-    base_key = (layout, _fingerprint(layer.qweight, layer.wscales, layer.bias, layer.smooth,
+    base_key = (layout, _Sources(layer.qweight, layer.wscales, layer.bias, layer.smooth,
                                      getattr(layer, "wtscale", None), getattr(layer, "wcscales", None)))
     if entry.get("base_key") != base_key:
         entry["base"] = _prepare_base(layer, device, layout)
         entry["base_key"] = base_key
         entry.pop("lora_key", None)  # n_pad could change with the layer
-    lora_key = _fingerprint(layer.lora_down, layer.lora_up)
+    lora_key = _Sources(layer.lora_down, layer.lora_up)
     if entry.get("lora_key") != lora_key:
         entry["lora"] = _prepare_lora(layer, device, entry["base"]["n_pad"])
         entry["lora_key"] = lora_key
@@ -342,3 +358,72 @@ def w4a16_linear(layer, x, out=None):
     from . import cuda_w4a16  # imports this module
 
     return cuda_w4a16.forward(extension(), layer, x, out=out)
+
+
+# ------------------------------------------------------------------------------------------------
+# The MLP pair fc1 -> GELU(tanh) -> fc2 (csrc/w4a4_mlp.cuh; spec: backends/reference_mlp.py)
+
+
+def mlp_fusable(fc1, fc2) -> bool:
+    """Whether mlp_w4a4 runs the pair fused: INT4 layers, fc1 with signed input, fc2 with the unsigned
+    (shifted GELU) input, as in FLUX. Other pairs (NVFP4 ones included) run as two linears."""
+    return fc1.precision == fc2.precision == "int4" and not fc1.act_unsigned and fc2.act_unsigned
+
+
+def _mlp_fc2_input(fc1, fc2, x2, path, outs):
+    """Kernel A on x, then fc1's GEMM with the fused epilogue: fc2's GEMM operands (act, scales, lora_act)."""
+    ext = extension()
+    p1, p2 = prepare(fc1, x2.device, path), prepare(fc2, x2.device, path)
+    act, scales, lora_act = ext.quantize_act_lora_down(x2, p1.smooth, p1.lora_down, False, path.name)
+    return ext.w4a4_mlp_fc1(act, scales, lora_act, p1.wgt_packed, p1.wgt_scales, p1.lora_up, p1.bias, x2.shape[0],
+                            fc1.out_features, path.name, x2.dtype, p2.smooth, p2.lora_down, **outs)
+
+
+def _check_pair(fc1, fc2, x):
+    if fc1.out_features != fc2.in_features:
+        raise ValueError(f"fc1 has {fc1.out_features} outputs but fc2 takes {fc2.in_features} inputs")
+    _check_input(fc1, x)
+
+
+def mlp_w4a4(fc1, fc2, x, out=None):
+    """fc2(gelu_tanh(fc1(x))) with an optional preallocated output (contiguous, x.shape[:-1] + (N2,),
+    x.dtype). Fusable pairs: 3 launches (kernel A, fc1 + GELU + fc2's input, fc2's GEMM) plus the fixed-order
+    sum of fc2's low-rank product when fc2 has a rank; others: two linears."""
+    _check_pair(fc1, fc2, x)
+    if not mlp_fusable(fc1, fc2):
+        return forward(fc2, F.gelu(forward(fc1, x), approximate="tanh"), out=out)
+    x2 = _rows(x, fc1.in_features)
+    M, N = x2.shape[0], fc2.out_features
+    if M == 0:
+        return x.new_empty(*x.shape[:-1], N)
+    with torch.cuda.device(x.device):
+        path = mma_path(x.device)
+        act, scales, lora_act = _mlp_fc2_input(fc1, fc2, x2, path, {})
+        p2 = prepare(fc2, x.device, path)
+        y = extension().w4a4_gemm(act, scales, lora_act, p2.wgt_packed, p2.wgt_scales, p2.lora_up, p2.bias, M, N,
+                                  True, path.name, x.dtype, None if out is None else out.view(M, N))
+    return y.reshape(*x.shape[:-1], N)
+
+
+def mlp_fc2_input(fc1, fc2, x, poison=False):
+    """The fused fc1 kernel alone, unpacked (for tests): (h [M, N1] in x.dtype as the kernel computed
+    it, fc2's input codes uint8 [M, N1], scales fp32 [M, N1/64], lora_act2 fp32 [M, rank2], raw kernel
+    outputs). poison=True pre-fills every output with NaN / nibble-8 words (see tests/test_cuda_mlp.py)."""
+    _check_pair(fc1, fc2, x)
+    if not mlp_fusable(fc1, fc2):
+        raise ValueError("the fused MLP kernel takes an INT4 pair with fc1 signed and fc2 unsigned")
+    x2 = _rows(x, fc1.in_features)
+    M, N1 = x2.shape[0], fc1.out_features
+    path = mma_path(x.device)
+    m_pad, r16 = _round_up(M, BLOCK_M), _round_up(fc2.rank, 16)
+    fill = float("nan") if poison else 0.0
+    f32 = dict(dtype=torch.float32, device=x.device)
+    outs = dict(act2_packed_out=torch.full((m_pad // 16, N1 // INT4_GROUP, 32, 4), _POISON_WORD if poison else 0,
+                                           dtype=torch.int32, device=x.device),
+                act2_scales_out=torch.full((N1 // INT4_GROUP, m_pad), fill, **f32),
+                lora_act2_out=torch.full((m_pad, r16), fill, **f32),
+                hidden_out=torch.full((M, N1), fill, dtype=x.dtype, device=x.device))
+    with torch.cuda.device(x.device):
+        act, scales, lora_act = _mlp_fc2_input(fc1, fc2, x2, path, outs)
+    return (outs["hidden_out"], unpack_act_fragments(act, M, True, path.layout), scales.T[:M].contiguous(),
+            lora_act[:M, :fc2.rank].contiguous(), (act, scales, lora_act))

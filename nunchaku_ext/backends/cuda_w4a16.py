@@ -14,7 +14,7 @@ import torch
 
 from .. import cuda_build
 from ..numerics import W4A16_GROUP, unpack_4bit
-from .cuda import _CACHE_ATTR, _fingerprint, _round_up
+from .cuda import _CACHE_ATTR, _Sources, _round_up
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,12 @@ def prepare(layer, device):
     entry = cache.setdefault(device, {})
     N = layer.out_features
     n_pad = _round_up(N, BLOCK_N)
-    weight_key = _fingerprint(layer.qweight, layer.wscales, layer.wzeros)
+    weight_key = _Sources(layer.qweight, layer.wscales, layer.wzeros)
     if entry.get("weight_key") != weight_key:
         entry["weights"] = (pack_weight(layer.qweight.to(device), n_pad),
                             pack_scale_zero(layer.wscales.to(device), layer.wzeros.to(device), n_pad))
         entry["weight_key"] = weight_key
-    bias_key = _fingerprint(layer.bias)
+    bias_key = _Sources(layer.bias)
     if entry.get("bias_key") != bias_key:
         bias = torch.zeros(n_pad, dtype=torch.float32, device=device)
         if layer.bias is not None:

@@ -1,0 +1,25 @@
+// Plain-pointer interface of the fused MLP kernel (w4a4_mlp.cuh): fc1's W4A4 GEMM whose epilogue
+// applies GELU(tanh) and quantizes the result as fc2's (unsigned INT4) input.
+#pragma once
+#include "w4a4_int8.h"
+
+namespace svdq {
+
+struct MlpFc1Args {
+  GemmArgs fc1;             // fc1's operands as for launch_w4a4_gemm (signed INT4 input; out unused);
+                            // fc1.N = the hidden width N1 = fc2's K, a multiple of 64
+  const float* smooth2;     // fc2's smooth, [N1]
+  const float* lora_down2;  // fc2's lora_down, [R2, N1]
+  int R2, R2_16;            // fc2's rank, and it rounded up to 16
+  void* act2_packed;        // fc2's input codes, uint4 [M_pad/16][N1/64][32] in the MMA path's layout
+  float* act2_scales;       // [N1/64][M_pad]
+  float* lora_partial;      // workspace [N_pad/128][M_pad][R2_16]: each column block's part of lora_act2
+  float* lora_act2;         // [M_pad][R2_16] = h . lora_down2^T
+  void* hidden_out;         // nullptr, or (tests) h [M, N1] in the activation dtype
+};
+
+// Two launches on `stream`: the fused GEMM, then the fixed-order sum of lora_partial (when R2 > 0).
+// INT4 paths only (cudaErrorInvalidValue for the NVFP4 one).
+cudaError_t launch_w4a4_mlp_fc1(const MlpFc1Args& args, bool is_bf16, MmaPath path, cudaStream_t stream);
+
+}  // namespace svdq
