@@ -24,8 +24,10 @@
 //   MmaS8m16n8k32  (below; interleaved-nibble layout)   sm_90, sm_120 and newer
 //   MmaS4m16n8k64  (w4a4_s4.cuh; native s4 layout)      sm_80, sm_86, sm_89
 //   MmaS4m8n8k32   (w4a4_s4.cuh; native s4 layout)      sm_75
-//   MmaE2M1S8m16n8k16 (w4a4_nvfp4.cuh; NVFP4 files: 16-wide groups, E2M1 codes)  sm_80 and newer
-// All give the same group sums, hence the same outputs bit for bit.
+//   MmaE2M1S8m16n8k16 (w4a4_nvfp4.cuh; NVFP4 files: 16-wide groups, E2M1 codes)  sm_80 .. sm_90
+//   MmaE2M1BlockScaledM16n8k64 (w4a4_nvfp4_bs.cuh; NVFP4 on the block-scaled FP4 MMA)  sm_120
+// All but the last give the same group sums, hence the same outputs bit for bit; the block-scaled
+// MMA accumulates scaled products in fp32 in the tensor core (w4a4_nvfp4_bs.cuh says what differs).
 //
 // This file holds no torch headers on purpose: it is compiled once per target arch, and keeping it
 // small keeps the all-arch build short. Tensor checks and allocation live in w4a4_ops.cpp.
@@ -76,6 +78,7 @@
 #include "w4a4_int8.h"
 #include "w4a4_s4.cuh"
 #include "w4a4_nvfp4.cuh"
+#include "w4a4_nvfp4_bs.cuh"
 
 namespace svdq {
 
@@ -174,13 +177,13 @@ struct MmaS8m16n8k32 {
 template <bool kUnsigned, typename Layout>
 __device__ __forceinline__ void quantize_lane_chunk(const float (&xs)[2][4][4], int tid, uint32_t (&words)[4],
                                                     float (&my_scale)[2]) {
-  constexpr int kScaleGroups = ScaleGroupsOf<Layout>::value;  // per 64 columns: 1 (INT4) or 4 (NVFP4)
-  // Per scale group (INT4: the whole 64-group, all runs; NVFP4: run j = s, 16 columns): the row's
-  // scale, then its codes. One group at a time keeps few values live.
+  // Per step (INT4: the whole 64-group; NVFP4: 16-groups, see quant_steps in w4a4_nvfp4.cuh) and row
+  // half: the scale of the lane's group, then the codes of its runs. One group at a time keeps few
+  // values live.
   words[0] = words[1] = words[2] = words[3] = 0u;
   my_scale[0] = my_scale[1] = 0.f;  // the scale this lane stores per row half: scale group tid
 #pragma unroll
-  for (int s = 0; s < kScaleGroups; ++s) {
+  for (int t = 0; t < quant_steps<Layout>(); ++t) {
     float scale[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -188,22 +191,27 @@ __device__ __forceinline__ void quantize_lane_chunk(const float (&xs)[2][4][4], 
       float amax = 0.f;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        if (kScaleGroups > 1 && j != s) continue;
+        if (quant_step<Layout>(j) != t) continue;
 #pragma unroll
         for (int b = 0; b < 4; ++b) amax = fmaxf(amax, kUnsigned ? xs[h][j][b] : fabsf(xs[h][j][b]));
       }
-      // The 4 lanes of this gid (lanes 4*gid .. 4*gid+3) hold the row's group between them.
+      // The lanes of this gid (lanes 4*gid .. 4*gid+3) sharing the group hold the row's group between them.
       amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+      if constexpr (group_lanes<Layout>() == 4) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
       if constexpr (kE2M1Codes<Layout>)
         scale[h] = nvfp4_group_scale(amax);
       else
         scale[h] = __fdiv_rn(amax, kUnsigned ? 15.f : 7.f);
-      if (tid == s) my_scale[h] = scale[h];
+      if constexpr (group_lanes<Layout>() == 4) {
+        if (tid == t) my_scale[h] = scale[h];  // step t's group is t (INT4: 0)
+      } else {  // group tid is quantized by other lanes: fetch it from one of them
+        const float owner = __shfl_sync(0xffffffffu, scale[h], Layout::owner_tid(tid), 4);
+        if (Layout::step_of_group(tid) == t) my_scale[h] = owner;
+      }
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      if (kScaleGroups > 1 && j != s) continue;
+      if (quant_step<Layout>(j) != t) continue;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
 #pragma unroll
@@ -449,30 +457,48 @@ __device__ __forceinline__ void w4a4_block_acc(const uint4* __restrict__ act_pac
       b_frag[2 * p + 1] = Mma::b_frag(b_cur[p].z, b_cur[p].w);
     }
 
-    // Per scale group (INT4: the 64-group; NVFP4: each of its four 16-groups): its scales, sx for the
-    // lane's 4 rows and sw for its 16 columns, then per 16x8 tile its exact integer dot product.
+    if constexpr (kBlockScaled<Mma>) {
+      // sm_120 NVFP4: per m16 tile the scale register of row gid + 8(tid%2), per n8 tile that of
+      // column gid (w4a4_nvfp4_bs.cuh: lanes tid 0 / 1 supply them), then one block-scaled MMA per
+      // 16x8 tile straight into the fp32 accumulator.
+      const int64_t sg = static_cast<int64_t>(g) * kScaleGroups;
+      uint32_t sfa[kWarpTilesM], sfb[kWarpTilesN];
 #pragma unroll
-    for (int s = 0; s < kScaleGroups; ++s) {
-      const int64_t sg = static_cast<int64_t>(g) * kScaleGroups + s;
-      float sx[kWarpTilesM][2];
+      for (int i = 0; i < kWarpTilesM; ++i)
+        sfa[i] = Mma::scale_reg(act_scales + sg * M_pad + warp_row + i * 16 + gid + 8 * (tid & 1), M_pad);
+#pragma unroll
+      for (int j = 0; j < kWarpTilesN; ++j)
+        sfb[j] = Mma::scale_reg(wgt_scales + sg * N_pad + warp_col + j * 8 + gid, N_pad);
 #pragma unroll
       for (int i = 0; i < kWarpTilesM; ++i)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) sx[i][h] = __ldg(act_scales + sg * M_pad + warp_row + i * 16 + gid + 8 * h);
-      float2 sw[kWarpTilesN];
+        for (int j = 0; j < kWarpTilesN; ++j) Mma::mma(acc[i][j], a_frag[i], b_frag[j], sfa[i], sfb[j]);
+    } else {
+      // Per scale group (INT4: the 64-group; NVFP4: each of its four 16-groups): its scales, sx for the
+      // lane's 4 rows and sw for its 16 columns, then per 16x8 tile its exact integer dot product.
 #pragma unroll
-      for (int j = 0; j < kWarpTilesN; ++j)
-        sw[j] = __ldg(reinterpret_cast<const float2*>(wgt_scales + sg * N_pad + warp_col + j * 8 + tid * 2));
+      for (int s = 0; s < kScaleGroups; ++s) {
+        const int64_t sg = static_cast<int64_t>(g) * kScaleGroups + s;
+        float sx[kWarpTilesM][2];
 #pragma unroll
-      for (int i = 0; i < kWarpTilesM; ++i) {
+        for (int i = 0; i < kWarpTilesM; ++i)
 #pragma unroll
-        for (int j = 0; j < kWarpTilesN; ++j) {
-          int32_t sum[4] = {0, 0, 0, 0};  // this scale group's exact integer dot products
-          scale_group_dot<Mma, kActUnsigned>(sum, a_frag[i], b_frag[j], s);
-          acc[i][j][0] = fmaf(static_cast<float>(sum[0]) * sx[i][0], sw[j].x, acc[i][j][0]);
-          acc[i][j][1] = fmaf(static_cast<float>(sum[1]) * sx[i][0], sw[j].y, acc[i][j][1]);
-          acc[i][j][2] = fmaf(static_cast<float>(sum[2]) * sx[i][1], sw[j].x, acc[i][j][2]);
-          acc[i][j][3] = fmaf(static_cast<float>(sum[3]) * sx[i][1], sw[j].y, acc[i][j][3]);
+          for (int h = 0; h < 2; ++h) sx[i][h] = __ldg(act_scales + sg * M_pad + warp_row + i * 16 + gid + 8 * h);
+        float2 sw[kWarpTilesN];
+#pragma unroll
+        for (int j = 0; j < kWarpTilesN; ++j)
+          sw[j] = __ldg(reinterpret_cast<const float2*>(wgt_scales + sg * N_pad + warp_col + j * 8 + tid * 2));
+#pragma unroll
+        for (int i = 0; i < kWarpTilesM; ++i) {
+#pragma unroll
+          for (int j = 0; j < kWarpTilesN; ++j) {
+            int32_t sum[4] = {0, 0, 0, 0};  // this scale group's exact integer dot products
+            scale_group_dot<Mma, kActUnsigned>(sum, a_frag[i], b_frag[j], s);
+            acc[i][j][0] = fmaf(static_cast<float>(sum[0]) * sx[i][0], sw[j].x, acc[i][j][0]);
+            acc[i][j][1] = fmaf(static_cast<float>(sum[1]) * sx[i][0], sw[j].y, acc[i][j][1]);
+            acc[i][j][2] = fmaf(static_cast<float>(sum[2]) * sx[i][1], sw[j].x, acc[i][j][2]);
+            acc[i][j][3] = fmaf(static_cast<float>(sum[3]) * sx[i][1], sw[j].y, acc[i][j][3]);
+          }
         }
       }
     }
@@ -484,8 +510,10 @@ __device__ __forceinline__ void w4a4_block_acc(const uint4* __restrict__ act_pac
   }
 
   // NVFP4: the per-tensor and per-channel factors on the quantized branch's sum, in the spec's order
-  // (acc * (wtscale / 4) * wcscales[n]).
+  // (acc * (wtscale / 4) * wcscales[n]). The block-scaled MMA sums E2M1 values, not twice them: its
+  // sum is times 4 (exact) first, folded into alpha (4 * alpha is exact too, so the product is the same).
   if constexpr (kE2M1Codes<Mma>) {
+    if constexpr (kBlockScaled<Mma>) alpha *= 4.f;
 #pragma unroll
     for (int j = 0; j < kWarpTilesN; ++j) {
       const float2 cs = __ldg(reinterpret_cast<const float2*>(channel_scale + warp_col + j * 8 + tid * 2));
@@ -589,6 +617,7 @@ static cudaError_t with_mma_flavour(MmaPath path, Launch&& launch) {
     case MmaPath::kS4m16n8k64: return launch(MmaS4m16n8k64{});
     case MmaPath::kS4m8n8k32: return launch(MmaS4m8n8k32{});
     case MmaPath::kE2M1S8m16n8k16: return launch(MmaE2M1S8m16n8k16{});
+    case MmaPath::kE2M1BlockScaledM16n8k64: return launch(MmaE2M1BlockScaledM16n8k64{});
   }
   return cudaErrorInvalidValue;
 }

@@ -17,6 +17,7 @@ enum class MmaPath : int {
   kS4m16n8k64 = 1,  // native s4, native layout: sm_80, sm_86, sm_89
   kS4m8n8k32 = 2,   // native s4, native layout: sm_75
   kE2M1S8m16n8k16 = 3,  // NVFP4 files: E2M1 codes x 2 decoded to int8, one k16 MMA per 16-group: sm_80+
+  kE2M1BlockScaledM16n8k64 = 4,  // NVFP4 files: the block-scaled FP4 MMA, native layout: sm_120 (sm_120a)
 };
 
 struct QuantizeArgs {

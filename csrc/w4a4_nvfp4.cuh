@@ -1,5 +1,6 @@
-// NVFP4 W4A4 on the INT8 tensor cores (sm_80 and newer; THE NVFP4 path on sm_90, which has no FP4
-// MMA): a GEMM flavour and a kernel-A layout for w4a4_int8.cu's kernels (templates over both).
+// NVFP4 W4A4 on the INT8 tensor cores (sm_80 to sm_90; THE NVFP4 path on sm_90, which has no FP4
+// MMA; sm_120 uses its block-scaled FP4 MMA, w4a4_nvfp4_bs.cuh): a GEMM flavour and a kernel-A layout
+// for w4a4_int8.cu's kernels (templates over both).
 //
 // Numerics (numerics.quantize_act_nvfp4 / reference.quantized_branch): E2M1 values times two are the
 // integers 0, ±1, ±2, ±3, ±4, ±6, ±8, ±12, exact in int8. Groups are 16 wide along K, so every
@@ -31,6 +32,10 @@ struct E2M1Layout {
   static __device__ __forceinline__ int run_k(int j, int tid) { return 16 * j + 4 * tid; }
   static __device__ __forceinline__ int word(int j, int /*h*/) { return j; }
   static __device__ __forceinline__ int shift(int /*j*/, int b, int h) { return 4 * b + 16 * h; }
+  // Kernel A quantizes one 16-group per step: run j (all 4 lanes of a gid) is 16-group j.
+  static constexpr int kQuantSteps = 4;
+  static constexpr int kGroupLanes = 4;  // lanes of a gid holding one step's group of a row
+  static __host__ __device__ constexpr int quant_step(int j) { return j; }
 };
 
 // Scale groups per 64-column chunk of a layout or GEMM flavour: 4 for NVFP4, 1 (INT4) otherwise.
@@ -44,6 +49,38 @@ struct ScaleGroupsOf<T, std::void_t<decltype(T::kScaleGroups)>> {
 };
 template <typename T>
 constexpr bool kE2M1Codes = ScaleGroupsOf<T>::value == 4;
+
+// Kernel A's quantization steps per 64-column chunk of a layout: in step t every lane codes its runs
+// j with quant_step(j) == t, which all lie in one scale group, shared with kGroupLanes lanes of its gid
+// (4: all of them; 2: pairs tid 0/1 and 2/3). INT4 layouts: one step, the whole 64-group.
+template <typename Layout>
+__host__ __device__ constexpr int quant_steps() {
+  if constexpr (kE2M1Codes<Layout>) return Layout::kQuantSteps;
+  return 1;
+}
+template <typename Layout>
+__host__ __device__ constexpr int quant_step(int j) {
+  if constexpr (kE2M1Codes<Layout>) return Layout::quant_step(j);
+  return 0;
+}
+template <typename Layout>
+__host__ __device__ constexpr int group_lanes() {
+  if constexpr (kE2M1Codes<Layout>) return Layout::kGroupLanes;
+  return 4;
+}
+
+// Whether a GEMM flavour's MMA applies the group scales itself and accumulates in fp32 (the sm_120
+// block-scaled flavour, w4a4_nvfp4_bs.cuh) rather than giving exact integer group sums.
+template <typename T, typename = void>
+struct BlockScaledOf {
+  static constexpr bool value = false;
+};
+template <typename T>
+struct BlockScaledOf<T, std::void_t<decltype(T::kBlockScaled)>> {
+  static constexpr bool value = T::kBlockScaled;
+};
+template <typename T>
+constexpr bool kBlockScaled = BlockScaledOf<T>::value;
 
 // numerics.quantize_act_nvfp4's group scale: e4m3(min(absmax / 6, 448)), true fp32 division, then
 // round to nearest even E4M3 (saturating; the clamp already keeps it finite), returned as fp32.

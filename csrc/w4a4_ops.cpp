@@ -37,15 +37,20 @@ svdq::MmaPath parse_mma_path(const std::string& name) {
   if (name == "s4_m16n8k64") return svdq::MmaPath::kS4m16n8k64;
   if (name == "s4_m8n8k32") return svdq::MmaPath::kS4m8n8k32;
   if (name == "e2m1_s8_m16n8k16") return svdq::MmaPath::kE2M1S8m16n8k16;
+  if (name == "e2m1_bs_m16n8k64") return svdq::MmaPath::kE2M1BlockScaledM16n8k64;
   TORCH_CHECK(false, "unknown mma_path '", name,
-              "' (expected s8_m16n8k32, s4_m16n8k64, s4_m8n8k32 or e2m1_s8_m16n8k16)");
+              "' (expected s8_m16n8k32, s4_m16n8k64, s4_m8n8k32, e2m1_s8_m16n8k16 or e2m1_bs_m16n8k64)");
+}
+
+bool is_nvfp4_path(svdq::MmaPath path) {
+  return path == svdq::MmaPath::kE2M1S8m16n8k16 || path == svdq::MmaPath::kE2M1BlockScaledM16n8k64;
 }
 
 // Scale groups per 64 columns of K: the NVFP4 path (E2M1 codes) has 16-wide groups, INT4 64-wide.
 // NVFP4 K need only be a multiple of 16; the packed codes and scales are zero-padded to K64 = K
 // rounded up to 64. E2M1 codes are signed: there is no unsigned-input NVFP4 kernel.
 int64_t scale_groups_per_64(svdq::MmaPath path, bool act_unsigned) {
-  if (path != svdq::MmaPath::kE2M1S8m16n8k16) return 1;
+  if (!is_nvfp4_path(path)) return 1;
   TORCH_CHECK(!act_unsigned, "NVFP4 (E2M1) activations are signed; act_unsigned is for INT4 layers only");
   return 4;
 }
@@ -201,7 +206,7 @@ std::vector<at::Tensor> w4a4_mlp_fc1(const at::Tensor& act_packed, const at::Ten
                                      c10::optional<at::Tensor> lora_act2_out, c10::optional<at::Tensor> hidden_out) {
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "dtype must be bfloat16 or float16");
   const svdq::MmaPath path = parse_mma_path(mma_path);
-  TORCH_CHECK(path != svdq::MmaPath::kE2M1S8m16n8k16, "the fused MLP is for INT4 layers only");
+  TORCH_CHECK(!is_nvfp4_path(path), "the fused MLP is for INT4 layers only");
   TORCH_CHECK(N1 % svdq::kGroup == 0, "the hidden width ", N1, " is not a multiple of 64");
   svdq::MlpFc1Args a;
   a.fc1 = checked_gemm_args(act_packed, act_scales, lora_act, wgt_packed, wgt_scales, lora_up, bias, M, N1,

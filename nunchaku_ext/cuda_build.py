@@ -31,8 +31,10 @@ log = logging.getLogger(__name__)
 # (H100/H200), each arch's MMA path included, forced (backends/cuda.py: mma_path): sm_75 multiplies
 # with s4 m8n8k32, sm_80/86/89 with s4 m16n8k64, sm_90/120 with s8 m16n8k32 (DESIGN.md §4). Other
 # GPUs of compute capability >= 7.5 get a native build for their own arch, with a warning that it
-# is untested.
+# is untested. NVFP4 layers use the block-scaled FP4 MMA on sm_120, which is legal only for the
+# arch-specific target: 12.0 is built as compute_120a / sm_120a (ARCH_SPECIFIC).
 SUPPORTED_ARCHS = ("7.5", "8.0", "8.6", "8.9", "9.0", "12.0")
+ARCH_SPECIFIC = ("12.0",)
 MIN_CAPABILITY = (7, 5)
 
 ARCHS_ENV = "SVDQ_CUDA_ARCHS"
@@ -41,7 +43,8 @@ VERBOSE_ENV = "SVDQ_BUILD_VERBOSE"  # 1: echo the compiler output, incl. -Xptxas
 
 CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("w4a4_ops.cpp", "w4a4_int8.cu", "w4a16_gemv.cu")
-HEADERS = ("w4a4_int8.h", "w4a16_gemv.h", "w4a4_s4.cuh", "w4a4_nvfp4.cuh", "w4a4_mlp.h", "w4a4_mlp.cuh")
+HEADERS = ("w4a4_int8.h", "w4a16_gemv.h", "w4a4_s4.cuh", "w4a4_nvfp4.cuh", "w4a4_nvfp4_bs.cuh", "w4a4_mlp.h",
+           "w4a4_mlp.cuh")
 
 DEFAULT_CUDA_HOMES = ("/usr/local/cuda",)
 
@@ -172,7 +175,7 @@ def target_archs(archs=None) -> tuple:
 def _gencode_flags(archs) -> list:
     flags = []
     for arch in archs:
-        sm = arch.replace(".", "")
+        sm = arch.replace(".", "") + ("a" if arch in ARCH_SPECIFIC else "")
         flags.append(f"-gencode=arch=compute_{sm},code=sm_{sm}")
     return flags
 
@@ -313,8 +316,9 @@ def build_key(archs, nvcc_release: str) -> str:
     import torch
 
     h = hashlib.sha256()
-    for part in (_source_digest(), torch.__version__, str(torch.version.cuda), nvcc_release, ";".join(archs),
-                 sys.version.split()[0]):
+    # The gencode flags, not just the archs: they say which archs are built arch-specific (ARCH_SPECIFIC).
+    for part in (_source_digest(), torch.__version__, str(torch.version.cuda), nvcc_release,
+                 " ".join(_gencode_flags(archs)), sys.version.split()[0]):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:16]

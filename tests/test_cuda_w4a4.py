@@ -90,6 +90,7 @@ def make_input(shape, K, *, unsigned, dtype, device="cuda", seed=1):
 # The kernel template instantiation of each MMA path (csrc/w4a4_int8.cu, csrc/w4a4_s4.cuh), and its
 # SASS instruction where the GPU runs it natively, for (signed, unsigned) activations.
 FLAVOURS = {"s8_m16n8k32": "MmaS8m16n8k32", "s4_m16n8k64": "MmaS4m16n8k64", "s4_m8n8k32": "MmaS4m8n8k32"}
+NVFP4_FLAVOURS = {"e2m1_s8_m16n8k16": "MmaE2M1S8m16n8k16", "e2m1_bs_m16n8k64": "MmaE2M1BlockScaledM16n8k64"}
 EXPECTED_IMMA = {"s8_m16n8k32": ("IMMA.16832.S8.S8", "IMMA.16832.S8.S8"),
                  "s4_m16n8k64": ("IMMA.16864.S4.S4", "IMMA.16864.U4.S4"),
                  "s4_m8n8k32": ("IMMA.8832.S4.S4", "IMMA.8832.U4.S4")}
@@ -319,6 +320,9 @@ def test_arch_parsing_and_refusal():
     assert cuda_build._parse_archs("sm_120; 8.6,8.0") == ("8.0", "8.6", "12.0")
     assert cuda_build._parse_archs("all") == cuda_build.SUPPORTED_ARCHS
     assert cuda_build._parse_archs("75") == ("7.5",)
+    # sm_120 is built arch-specific (its block-scaled FP4 MMA needs sm_120a); the others are not.
+    assert cuda_build._gencode_flags(("9.0", "12.0")) == ["-gencode=arch=compute_90,code=sm_90",
+                                                          "-gencode=arch=compute_120a,code=sm_120a"]
     with pytest.raises(cuda_build.CudaBuildError, match="sm_70.*compute capability 7.5.*Supported: sm_75, sm_80"):
         cuda_build._parse_archs("7.0")
 
@@ -606,10 +610,20 @@ def test_build_all_archs(tmp_path, monkeypatch):
             for name, body in gemms.items():
                 unsigned = re.search(r"w4a4_gemm_kernelI\w+?Lb([01])E", name).group(1) == "1"
                 assert EXPECTED_IMMA[path][unsigned] in body, (sm, name)
+            # NVFP4 (from sm_80): sm_120's GEMM (bf16/fp16) runs on the block-scaled FP4 MMA (sm_120a).
+            capability = tuple(int(v) for v in arch.split("."))
+            if capability < cuda_backend.NVFP4_PATH.min_capability:
+                continue
+            nvfp4 = cuda_backend.nvfp4_mma_path(capability)
+            nvfp4_gemms = [body for name, body in functions.items()
+                           if "w4a4_gemm_kernel" in name and NVFP4_FLAVOURS[nvfp4.name] in name]
+            assert len(nvfp4_gemms) == 2, (sm, list(functions))
+            if nvfp4 is cuda_backend.NVFP4_BLOCK_SCALED_PATH:
+                assert all("OMMA.SF.16864.F32.E2M1.E2M1.UE4M3.4X" in body for body in nvfp4_gemms), sm
     # Every GEMM flavour and quantize layout is built for every arch, and no kernel spills.
     report = cuda_build.ptxas_report("all")
-    kernels = re.findall(r"Compiling entry function '(\w+)' for 'sm_(\d+)'.*?(\d+) bytes spill stores, (\d+) bytes spill loads",
-                         report, re.S)
+    kernels = re.findall(r"Compiling entry function '(\w+)' for 'sm_(\d+)a?'.*?(\d+) bytes spill stores, "
+                         r"(\d+) bytes spill loads", report, re.S)
     for arch in cuda_build.SUPPORTED_ARCHS:
         names = [name for name, sm, _, _ in kernels if sm == arch.replace(".", "")]
         for flavour in FLAVOURS.values():
@@ -618,5 +632,9 @@ def test_build_all_archs(tmp_path, monkeypatch):
             assert sum("w4a4_mlp_fc1_kernel" in n and flavour in n for n in names) == 2, (arch, names)
         for layout in ("InterleavedNibbleLayout", "NativeS4Layout"):
             assert sum("quantize_act_lora_down_kernel" in n and layout in n for n in names) == 4, (arch, names)
+        for flavour in NVFP4_FLAVOURS.values():  # bf16/fp16; E2M1 codes are signed
+            assert sum("w4a4_gemm_kernel" in n and flavour in n for n in names) == 2, (arch, names)
+        for layout in ("E2M1Layout", "E2M1NativeLayout"):
+            assert sum("quantize_act_lora_down_kernel" in n and layout in n for n in names) == 2, (arch, names)
     spilling = [(name, sm) for name, sm, stores, loads in kernels if stores != "0" or loads != "0"]
     assert kernels and not spilling, report

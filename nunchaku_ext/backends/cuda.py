@@ -9,8 +9,9 @@ Forward of a W4A4 layer, two launches (csrc/w4a4_int8.cu documents kernels and l
 The GEMM's MMA instruction is picked per GPU (`mma_path`): native s4 `m8n8k32` on sm_75, native s4
 `m16n8k64` on sm_80/86/89, INT8 `m16n8k32` on the codes on sm_90/sm_120 (their s4 MMA is emulated).
 All give the same outputs; the path fixes the packed layout of the codes. $SVDQ_MMA_PATH forces one
-(the tests run the consumer-GPU paths on a Hopper GPU that way). NVFP4 layers take their own path on
-every GPU from sm_80: E2M1 codes x 2 as int8, INT8 `m16n8k16` per 16-group (csrc/w4a4_nvfp4.cuh).
+(the tests run the consumer-GPU paths on a Hopper GPU that way). NVFP4 layers take their own path
+(`nvfp4_mma_path`): on sm_120 the block-scaled FP4 MMA `m16n8k64 kind::mxf4nvf4` (csrc/w4a4_nvfp4_bs.cuh),
+on sm_80..sm_90 E2M1 codes x 2 as int8, INT8 `m16n8k16` per 16-group (csrc/w4a4_nvfp4.cuh).
 
 The layer's buffers stay in the file layout (the spec). This backend keeps a repacked copy per
 layer and device, made on first use with torch ops on the device and remade only when a source
@@ -58,8 +59,11 @@ MMA_PATHS = {p.name: p for p in (
     MmaPath("s4_m16n8k64", "native_s4", (8, 0)),
     MmaPath("s4_m8n8k32", "native_s4", (7, 5)),
 )}
-# NVFP4 layers (E2M1 codes, 16-wide groups): one path on every GPU that has INT8 m16n8k16.
+# NVFP4 layers (E2M1 codes, 16-wide groups): INT8 m16n8k16 on every GPU that has it, except sm_120,
+# whose block-scaled FP4 MMA (built for sm_120a only, cuda_build.ARCH_SPECIFIC) multiplies the codes
+# as they are and applies the group scales itself.
 NVFP4_PATH = MmaPath("e2m1_s8_m16n8k16", "e2m1", (8, 0))
+NVFP4_BLOCK_SCALED_PATH = MmaPath("e2m1_bs_m16n8k64", "e2m1_native", (12, 0))
 
 
 def default_mma_path(capability: tuple) -> str:
@@ -84,15 +88,20 @@ def mma_path(device) -> MmaPath:
     return path
 
 
+def nvfp4_mma_path(capability: tuple) -> MmaPath:
+    """The NVFP4 path of a GPU: the block-scaled FP4 MMA on sm_120 (the only arch with it that we build
+    for, as sm_120a), the INT8 m16n8k16 path on the others from sm_80."""
+    if capability < NVFP4_PATH.min_capability:
+        raise NotImplementedError(f"NVFP4 layers need sm_80 or newer on the 'cuda' backend; this GPU is "
+                                  f"sm_{capability[0]}{capability[1]} (use the 'reference' backend, or an INT4 file)")
+    return NVFP4_BLOCK_SCALED_PATH if capability == NVFP4_BLOCK_SCALED_PATH.min_capability else NVFP4_PATH
+
+
 def layer_mma_path(layer, device) -> MmaPath:
-    """The path for this layer on `device`: NVFP4_PATH for NVFP4 layers, else mma_path(device)."""
+    """The path for this layer on `device`: nvfp4_mma_path for NVFP4 layers, else mma_path(device)."""
     if layer.precision != "nvfp4":
         return mma_path(device)
-    capability = tuple(int(v) for v in cuda_build.device_arch(device).split("."))
-    if capability < NVFP4_PATH.min_capability:
-        raise NotImplementedError(f"NVFP4 layers need sm_80 or newer on the 'cuda' backend; {device} is "
-                                  f"sm_{capability[0]}{capability[1]} (use the 'reference' backend, or an INT4 file)")
-    return NVFP4_PATH
+    return nvfp4_mma_path(tuple(int(v) for v in cuda_build.device_arch(device).split(".")))
 
 
 def extension():
@@ -126,13 +135,15 @@ def pack_weight_fragments(qweight: torch.Tensor, n_pad: int, layout: str) -> tor
         nibble 2b+1 = W[16p + 8t + gid, 64g + 32v + 16 + 4tid + b]   (s8 mma B register b1)
     - layout "native_s4" (csrc/w4a4_s4.cuh), for e = 0..7:
         nibble e    = W[16p + 8t + gid, 64g + 32v + 8tid + e]         (s4 mma B register b_v)
-      i.e. 4 bytes of the file row as they are.
+      i.e. 4 bytes of the file row as they are. "e2m1_native" (NVFP4 on sm_120,
+      csrc/w4a4_nvfp4_bs.cuh) is the same with E2M1 codes and K zero-padded to a multiple of 64.
     Padded columns are zero codes."""
     N, half_k = qweight.shape
     K = half_k * 2
     G = K // INT4_GROUP
-    if layout == "native_s4":
-        rows = torch.cat([qweight, qweight.new_zeros(n_pad - N, half_k)]) if n_pad > N else qweight
+    if layout in ("native_s4", "e2m1_native"):
+        G = _round_up(K, INT4_GROUP) // INT4_GROUP  # NVFP4 K is a multiple of 16
+        rows = F.pad(qweight, (0, G * INT4_GROUP // 2 - half_k, 0, n_pad - N))
         # n = 16p + 8t + gid ; byte k/2 = 32g + 16v + 4tid + c
         b = rows.reshape(n_pad // 16, 2, 8, G, 2, 4, 4)  # p, t, gid, g, v, tid, c
         b = b.permute(0, 3, 2, 5, 1, 4, 6)  # p, g, gid, tid, t, v, c
@@ -167,14 +178,17 @@ def unpack_act_fragments(act_packed: torch.Tensor, M: int, unsigned: bool, layou
                              high nibble = code[16mt + 8 + gid, same k];
     - "native_s4" (word j = s4 mma register a_j), nibble e:
                              code[16mt + 8(j%2) + gid, 64g + 32(j//2) + 8tid + e];
+      "e2m1_native" (NVFP4 on sm_120): the same places, E2M1 codes as uint8 [M, K64];
     - "e2m1" (NVFP4), nibble b of the low / high 16 bits = code[16mt + gid / 16mt + 8 + gid,
                              64g + 16j + 4tid + b]; E2M1 codes as uint8 [M, K64]."""
     MT, G = act_packed.shape[:2]
     raw = act_packed.contiguous().view(torch.uint8)
     nib = torch.stack((raw & 0xF, raw >> 4), dim=-1)  # low, high nibble of each byte
-    if layout == "native_s4":
+    if layout in ("native_s4", "e2m1_native"):
         nib = nib.view(MT, G, 8, 4, 2, 2, 4, 2)  # mt, g, gid, tid, k half, row half, byte, nibble
         codes = nib.permute(0, 5, 2, 1, 4, 3, 6, 7).reshape(MT * 16, G * INT4_GROUP)[:M]
+        if layout == "e2m1_native":
+            return codes
     elif layout == "e2m1":
         nib = nib.view(MT, G, 8, 4, 4, 2, 2, 2)  # mt, g, gid, tid, j, row half, b/2, b%2
         return nib.permute(0, 5, 2, 1, 4, 3, 6, 7).reshape(MT * 16, G * INT4_GROUP)[:M]
@@ -197,7 +211,7 @@ class Prepared:
     rank: int
     wgt_packed: torch.Tensor  # int32 [N_pad/16, K/64, 32, 4]
     wgt_scales: torch.Tensor  # fp32 [K/64, N_pad] (NVFP4: [K64/16, N_pad])
-    alpha: float              # NVFP4: wtscale / 4 (the kernels' codes are E2M1 x 2); INT4: 1
+    alpha: float              # NVFP4: wtscale / 4 (the kernels' codes are E2M1 x 2; sm_120's sum x 4); INT4: 1
     channel_scale: torch.Tensor  # NVFP4: wcscales, fp32 [N_pad]; INT4: None
     bias: torch.Tensor        # fp32 [N_pad]
     smooth: torch.Tensor      # fp32 [K]
