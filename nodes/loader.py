@@ -4,12 +4,16 @@ The model is ComfyUI's (comfy.model_base.Flux around comfy.ldm.flux.model.Flux, 
 ComfyUI's model detection from the file's config, so dev/schnell/Fill/Kontext/... behave as with
 UNETLoader). It is built on the meta device with the operations ComfyUI would pick for its dense
 layers, the quantized linears are replaced by our layers, and the file's tensors are assigned
-without copies.
+without copies. Nunchaku's checkpoints (a single file, or the older folder) are converted to our
+format in memory on the way in (nunchaku_ext.nunchaku_import); their single blocks' linear1 /
+linear2 become split linears.
 """
+import dataclasses
 import os
 
 import torch
 
+import comfy.ldm.flux.model
 import comfy.model_detection
 import comfy.model_management
 import comfy.model_patcher
@@ -19,38 +23,74 @@ import folder_paths
 from nunchaku_ext import backends
 from nunchaku_ext.format import CheckpointError, load_checkpoint, read_header, FORMAT_NAME
 from nunchaku_ext.models import check_flux1_checkpoint
+from nunchaku_ext.nunchaku_import import import_nunchaku
+from nunchaku_ext.nunchaku_layout import FOLDER_FILES, is_nunchaku_metadata
 
 from .lora_patches import install_adapters
-from .ops import make_comfy_layer
+from .ops import ComfySplitLinear, make_comfy_module
 
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 BACKENDS = ("auto", "cuda", "reference")
 DEVICES = ("default", "cpu")
 
-_format_cache = {}  # path -> ((mtime, size), is ours)
+# A Nunchaku folder (the older form) is listed by its own name: FOLDER_FILES plus this file.
+NUNCHAKU_FOLDER_CONFIG = "comfy_config.json"
+
+_format_cache = {}  # path -> ((mtime, size), is a file we load)
 
 
-def _is_svdquant_file(path):
+def _is_loadable_file(path):
+    """Ours or Nunchaku's single file, told from the safetensors header alone (cached by mtime)."""
     stat = os.stat(path)
     stamp = (stat.st_mtime_ns, stat.st_size)
     cached = _format_cache.get(path)
     if cached is None or cached[0] != stamp:
         try:
             meta, _ = read_header(path)
-            ours = meta.get("format") == FORMAT_NAME
+            loadable = meta.get("format") == FORMAT_NAME or is_nunchaku_metadata(meta)
         except (CheckpointError, OSError):
-            ours = False
-        _format_cache[path] = cached = (stamp, ours)
+            loadable = False
+        _format_cache[path] = cached = (stamp, loadable)
     return cached[1]
 
 
+def _is_nunchaku_folder(path):
+    return all(os.path.isfile(os.path.join(path, f)) for f in (*FOLDER_FILES, NUNCHAKU_FOLDER_CONFIG))
+
+
 def svdquant_files():
-    names = []
+    """Loadable names in models/diffusion_models: our files, Nunchaku's single files, and Nunchaku
+    folders (listed as the folder's name; ComfyUI lists the files inside them)."""
+    names, folders = [], set()
     for name in folder_paths.get_filename_list("diffusion_models"):
         path = folder_paths.get_full_path("diffusion_models", name)
-        if name.endswith(".safetensors") and path and _is_svdquant_file(path):
+        if not (name.endswith(".safetensors") and path):
+            continue
+        folder, _, file = name.replace(os.sep, "/").rpartition("/")
+        if folder and file == FOLDER_FILES[0] and _is_nunchaku_folder(os.path.dirname(path)):
+            folders.add(folder)
+        elif file not in FOLDER_FILES and _is_loadable_file(path):
             names.append(name)
-    return names
+    return sorted(names + list(folders))
+
+
+def resolve_model_path(name):
+    """A listed name -> the file or Nunchaku folder it names, under models/diffusion_models."""
+    for base in folder_paths.get_folder_paths("diffusion_models"):
+        path = os.path.join(base, name)
+        if os.path.isdir(path) and _is_nunchaku_folder(path):
+            return path
+    return folder_paths.get_full_path_or_raise("diffusion_models", name)
+
+
+def read_model(path):
+    """Our file, or a Nunchaku file or folder converted to our format -> (CheckpointInfo, tensors)."""
+    if os.path.isdir(path):
+        return import_nunchaku(path)
+    meta, _ = read_header(path)
+    if meta.get("format") != FORMAT_NAME and is_nunchaku_metadata(meta):
+        return import_nunchaku(path)
+    return load_checkpoint(path)
 
 
 def resolve_backend(choice, precision, load_device):
@@ -72,15 +112,25 @@ def resolve_backend(choice, precision, load_device):
     return "cuda"
 
 
+def comfy_unet_config(model_config):
+    """A file's FLUX.1 config as ComfyUI's own model detection gives it: ComfyUI's Flux takes
+    txt_ids_dims since 0.8 (FLUX.1 has no text position axes: []), which configs derived from
+    Nunchaku's files, and files made for older ComfyUI, do not carry."""
+    config = dict(model_config, image_model="flux")
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+        config.setdefault("txt_ids_dims", [])
+    return config
+
+
 def load_svdquant_flux(path, compute_dtype="default", backend="auto", device="default"):
     """-> ModelPatcher of ComfyUI's FLUX model with the file's 4-bit layers."""
-    info, tensors = load_checkpoint(path)
+    info, tensors = read_model(path)
     try:
         check_flux1_checkpoint(info)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
 
-    unet_config = dict(info.model_config, image_model="flux")
+    unet_config = comfy_unet_config(info.model_config)
     model_config = comfy.model_detection.model_config_from_unet_config(unet_config, tensors)
     if model_config is None:
         raise CheckpointError(f"{path}: ComfyUI has no FLUX variant for this config: {info.model_config}")
@@ -94,14 +144,17 @@ def load_svdquant_flux(path, compute_dtype="default", backend="auto", device="de
 
     model = model_config.get_model(tensors, "", device=torch.device("meta"))
     diffusion_model = model.diffusion_model
-    for name, spec in info.layers.items():
+    markers = set()
+    for name, parts in info.modules().items():
         parent, _, child = name.rpartition(".")
-        layer = make_comfy_layer(spec, info.precision, info.dtype, device="meta")
-        layer.backend = layer_backend
-        setattr(diffusion_model.get_submodule(parent), child, layer)
+        module = make_comfy_module(parts, info.precision, info.dtype, device="meta")
+        for layer in module.children() if isinstance(module, ComfySplitLinear) else [module]:
+            layer.backend = layer_backend
+        markers.update(f"{name}.{key}" for key in module.marker_keys)
+        setattr(diffusion_model.get_submodule(parent), child, module)
 
     missing, unexpected = diffusion_model.load_state_dict(tensors, strict=False, assign=True)
-    missing = [k for k in missing if not (k.endswith(".weight") and k[:-len(".weight")] in info.layers)]
+    missing = [k for k in missing if k not in markers]
     if missing or unexpected:
         raise CheckpointError(f"{path}: its tensors do not fit ComfyUI's FLUX model built from its config "
                               f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})")
@@ -120,8 +173,9 @@ class SVDQuantFluxLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model_name": (svdquant_files(), {"tooltip": "An SVDQuant FLUX.1 file (.safetensors) in "
-                                                         "models/diffusion_models."}),
+            "model_name": (svdquant_files(), {"tooltip": "An SVDQuant FLUX.1 model in models/diffusion_models: "
+                                                         "a file of this pack, or Nunchaku's (svdq-int4/fp4 "
+                                                         ".safetensors, or its older model folder)."}),
             "compute_dtype": (["default", *COMPUTE_DTYPES], {"tooltip": "Activations' dtype; default: the file's "
                                                                         "(bfloat16 for most files)."}),
             "backend": (BACKENDS, {"tooltip": "auto: our CUDA kernels on a GPU, the reference backend on CPU. "
@@ -136,5 +190,5 @@ class SVDQuantFluxLoader:
                    "it: their LoRAs are added to the 4-bit layers' low-rank branch.")
 
     def load(self, model_name, compute_dtype, backend, device):
-        path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
+        path = resolve_model_path(model_name)
         return (load_svdquant_flux(path, compute_dtype, backend, device),)

@@ -6,7 +6,8 @@ patches to a clone of the ModelPatcher. ModelPatcher applies patches when it loa
 the callback below then gives every quantized layer the adapters of the loading patcher's patch
 set (none: the base branch). So a changed strength, a removed LoRA, or another branch of the graph
 with another LoRA set each load with their own patches; composed adapters are cached per patch set.
-Patches on dense layers are left to ComfyUI.
+A split linear (Nunchaku's linear1 / linear2) takes the patches of the whole linear, divided among
+its parts by nunchaku_ext.lora.stack_split_updates. Patches on dense layers are left to ComfyUI.
 """
 from collections import OrderedDict
 
@@ -14,9 +15,10 @@ import torch
 
 import comfy.weight_adapter
 
-from nunchaku_ext.lora import LowRankUpdate, stack_updates
+from nunchaku_ext.layers import SplitLinear
+from nunchaku_ext.lora import LowRankUpdate, set_split_adapters, stack_split_updates, stack_updates
 
-from .ops import _ComfyQuantizedLinear
+from .ops import lora_targets
 
 # Patch sets whose composed adapters are kept (per model and layer, on the offload device).
 CACHED_PATCH_SETS = 4
@@ -111,15 +113,32 @@ def bias_delta(layer_name, layer, patches):
     return delta
 
 
-def quantized_layers(diffusion_model):
-    return [(name, m) for name, m in diffusion_model.named_modules() if isinstance(m, _ComfyQuantizedLinear)]
+def _compose(name, layer, wpatches, bpatches, device):
+    """A layer's patches -> what its set_adapters takes (a split linear: one AdapterSet per part)."""
+    updates = [weight_update(name, layer, p) for p in wpatches if p[0] != 0.0]
+    bias = bias_delta(name, layer, bpatches)
+    if isinstance(layer, SplitLinear):
+        dtype = next(iter(layer.children())).lora_up.dtype
+        try:
+            return stack_split_updates(layer, updates, bias=bias, dtype=dtype, device=device)
+        except ValueError as e:  # only a bias patch on parts without a bias is left to fail here
+            raise SVDQuantLoRAError(f"SVDQuant: cannot apply the LoRA patches on '{name}': {e}") from None
+    return stack_updates(updates, layer.out_features, layer.in_features, bias=bias, dtype=layer.lora_up.dtype,
+                         device=device)
+
+
+def _set_adapters(layer, adapters):
+    if isinstance(layer, SplitLinear):
+        set_split_adapters(layer, adapters)
+    else:
+        layer.set_adapters(adapters)
 
 
 def install_adapters(patcher, *_load_args):
     """ModelPatcher ON_LOAD callback: each quantized layer gets the adapters of `patcher`'s patches."""
     base = patcher.model
     cache = base.__dict__.setdefault("svdquant_adapter_cache", OrderedDict())
-    layers = quantized_layers(base.diffusion_model)
+    layers = lora_targets(base.diffusion_model)
     for name, layer in layers:
         wpatches = patcher.patches.get(f"diffusion_model.{name}.weight", [])
         bpatches = patcher.patches.get(f"diffusion_model.{name}.bias", [])
@@ -127,18 +146,15 @@ def install_adapters(patcher, *_load_args):
         if layer.installed_patches == signature:
             continue
         if not wpatches and not bpatches:
-            layer.set_adapters(None)
+            _set_adapters(layer, None)
         else:
             key = (name, signature)
             adapters = cache.get(key)
             if adapters is None:
-                updates = [weight_update(name, layer, p) for p in wpatches if p[0] != 0.0]
-                adapters = stack_updates(updates, layer.out_features, layer.in_features,
-                                         bias=bias_delta(name, layer, bpatches),
-                                         dtype=layer.lora_up.dtype, device=patcher.offload_device)
+                adapters = _compose(name, layer, wpatches, bpatches, patcher.offload_device)
                 cache[key] = adapters
                 while len(cache) > CACHED_PATCH_SETS * len(layers):
                     cache.popitem(last=False)
             cache.move_to_end(key)
-            layer.set_adapters(adapters)
+            _set_adapters(layer, adapters)
         layer.installed_patches = signature

@@ -3,9 +3,14 @@
 ComfyUI's ModelPatcher treats a module with a `comfy_cast_weights` attribute as one it may leave
 on the offload device ("low VRAM"): it then sets `comfy_cast_weights = True` and the module must
 bring its tensors to the input's device per call. It finds LoRA targets and accepts patches only
-for keys in the model's state dict, so each quantized layer has an empty `weight` marker: the
-patches on "<name>.weight" are absorbed into the low-rank branch by nodes.lora_patches, never
-computed on a dense weight.
+for keys in the model's state dict, so each quantized linear of the model has an empty `weight`
+marker: the patches on "<name>.weight" are absorbed into the low-rank branch by nodes.lora_patches,
+never computed on a dense weight.
+
+A split linear (Nunchaku's single-block linear1 / linear2) is the LoRA target as a whole, so the
+marker is on it (with a `bias` marker for bias patches); its parts are the layers ModelPatcher
+loads and streams, each with a marker outside the state dict (ModelPatcher reads `<part>.weight`,
+and LoRA keys must not map to a part).
 """
 import torch
 
@@ -14,17 +19,26 @@ import comfy.model_patcher
 import comfy.ops
 
 from nunchaku_ext import backends
+from nunchaku_ext.layers import SplitLinear
 from nunchaku_ext.lora import SVDQW4A4LinearLoRA, W4A16LinearLoRA
 
 
+def _marker():
+    # On the CPU, never on "meta" (a model built there and then loaded with assign=True): an empty
+    # tensor costs nothing anywhere, but a meta one could not be moved to a device.
+    return torch.empty(0, dtype=torch.uint8)
+
+
 class _ComfyQuantizedLinear(comfy.ops.CastWeightBiasOp):
-    def _init_comfy(self):
-        # Never on "meta" (a layer built there and then loaded with assign=True): an empty tensor
-        # costs nothing anywhere, but a meta one could not be moved to a device.
-        device = "cpu" if self.qweight.is_meta else self.qweight.device
-        self.register_buffer("weight", torch.empty(0, dtype=torch.uint8, device=device))
+    def _init_comfy(self, lora_target):
+        self.register_buffer("weight", _marker(), persistent=lora_target)
+        self.lora_target = lora_target
         # The patch set whose adapters are installed (see nodes.lora_patches).
         self.installed_patches = None
+
+    @property
+    def marker_keys(self):
+        return ("weight",) if self.lora_target else ()
 
     def forward(self, x):
         comfy.ops.run_every_op()
@@ -55,19 +69,53 @@ class _ComfyQuantizedLinear(comfy.ops.CastWeightBiasOp):
 
 
 class ComfySVDQW4A4Linear(_ComfyQuantizedLinear, SVDQW4A4LinearLoRA):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, lora_target=True, **kwargs):
         SVDQW4A4LinearLoRA.__init__(self, *args, **kwargs)
-        self._init_comfy()
+        self._init_comfy(lora_target)
 
 
 class ComfyW4A16Linear(_ComfyQuantizedLinear, W4A16LinearLoRA):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, lora_target=True, **kwargs):
         W4A16LinearLoRA.__init__(self, *args, **kwargs)
-        self._init_comfy()
+        self._init_comfy(lora_target)
 
 
-def make_comfy_layer(spec, precision, dtype, device=None) -> torch.nn.Module:
+class ComfySplitLinear(SplitLinear):
+    """Not a cast module itself (ModelPatcher would count its parts' tensors twice): its parts are."""
+
+    lora_target = True
+
+    def __init__(self, mode, parts):
+        super().__init__(mode, parts)
+        self.register_buffer("weight", _marker())
+        has_bias = any(self.get_submodule(name).bias is not None for name in self.spans)
+        if has_bias:
+            self.register_buffer("bias", _marker())
+        self.marker_keys = ("weight", "bias") if has_bias else ("weight",)
+        self.installed_patches = None
+
+
+def make_comfy_layer(spec, precision, dtype, device=None, lora_target=True) -> torch.nn.Module:
     if spec.kind == "w4a4":
         return ComfySVDQW4A4Linear(spec.in_features, spec.out_features, spec.rank, bias=spec.bias,
-                                   precision=precision, act_unsigned=spec.act_unsigned, dtype=dtype, device=device)
-    return ComfyW4A16Linear(spec.in_features, spec.out_features, bias=spec.bias, dtype=dtype, device=device)
+                                   precision=precision, act_unsigned=spec.act_unsigned, dtype=dtype, device=device,
+                                   lora_target=lora_target)
+    return ComfyW4A16Linear(spec.in_features, spec.out_features, bias=spec.bias, dtype=dtype, device=device,
+                            lora_target=lora_target)
+
+
+def make_comfy_module(parts, precision, dtype, device=None) -> torch.nn.Module:
+    """The module for one quantized linear of the model; `parts` as CheckpointInfo.modules() gives it
+    (the single part "" for a whole layer)."""
+    if set(parts) == {""}:
+        return make_comfy_layer(parts[""], precision, dtype, device)
+    (mode,) = {spec.part[0] for spec in parts.values()}  # format.py checked that parts split one way
+    return ComfySplitLinear(mode, {name: (spec.part[1], spec.part[2],
+                                          make_comfy_layer(spec, precision, dtype, device, lora_target=False))
+                                   for name, spec in parts.items()})
+
+
+def lora_targets(diffusion_model):
+    """(name, module) of every quantized linear of the model that takes LoRA patches: whole layers
+    and split linears, not the parts of those."""
+    return [(name, m) for name, m in diffusion_model.named_modules() if getattr(m, "lora_target", False)]

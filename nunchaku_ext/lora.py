@@ -12,12 +12,17 @@ until a LoRA arrives.
 
 The base branch is the first `base_rank` rows of D / columns of U, so installing a new set of
 adapters, or none, never accumulates rounding: it always starts again from the base.
+
+A split linear (layers.SplitLinear: parts computing row blocks, or column blocks whose outputs are
+summed) takes the updates meant for the whole linear, divided exactly: a rows part gets the rows
+of B (and of a bias delta) that fall in its span, with the whole A; a cols part gets the whole B
+and the columns of A in its span, and one part alone gets the bias delta (the parts' biases add).
 """
 from dataclasses import dataclass
 
 import torch
 
-from .layers import LayerSpec, SVDQW4A4Linear, W4A16Linear
+from .layers import LayerSpec, SplitLinear, SVDQW4A4Linear, W4A16Linear
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,49 @@ def stack_updates(updates, out_features, in_features, *, bias=None, dtype=torch.
             raise ValueError(f"bias delta is {tuple(bias.shape)}, expected ({out_features},)")
         bias = bias.to(device, dtype)
     return AdapterSet(down.to(dtype), up.to(dtype), bias)
+
+
+def stack_split_updates(split: SplitLinear, updates, *, bias=None, dtype=torch.bfloat16, device=None) -> dict:
+    """Updates and a bias delta [N] (or None) for the whole linear that `split` computes -> part
+    name -> AdapterSet, for set_split_adapters. A part that no update reaches gets an empty branch."""
+    for i, u in enumerate(updates):
+        n, r = u.up.shape
+        if u.down.shape != (r, split.in_features):
+            raise ValueError(f"update {i}: down is {tuple(u.down.shape)}, expected ({r}, {split.in_features}) "
+                             f"to match up {tuple(u.up.shape)}")
+        if not 0 <= u.row_offset <= split.out_features - n:
+            raise ValueError(f"update {i}: rows [{u.row_offset}, {u.row_offset + n}) are outside the linear's "
+                             f"{split.out_features} output features")
+    if bias is not None and bias.shape != (split.out_features,):
+        raise ValueError(f"bias delta is {tuple(bias.shape)}, expected ({split.out_features},)")
+    if split.mode == "cols" and bias is not None:
+        with_bias = [name for name in split.spans if split.get_submodule(name).bias is not None]
+        if not with_bias:
+            raise ValueError("no part of this split linear has a bias, so a bias patch cannot be applied to it")
+        bias_part = with_bias[0]
+    adapters = {}
+    for name, (start, stop) in split.spans.items():
+        part = split.get_submodule(name)
+        if split.mode == "rows":
+            part_updates = []
+            for u in updates:
+                first, last = max(u.row_offset, start), min(u.row_offset + u.up.shape[0], stop)
+                if first < last:
+                    up = u.up[first - u.row_offset:last - u.row_offset]
+                    part_updates.append(LowRankUpdate(up, u.down, u.scale, first - start))
+            part_bias = None if bias is None else bias[start:stop]
+        else:
+            part_updates = [LowRankUpdate(u.up, u.down[:, start:stop], u.scale, u.row_offset) for u in updates]
+            part_bias = bias if bias is not None and name == bias_part else None
+        adapters[name] = stack_updates(part_updates, part.out_features, part.in_features, bias=part_bias,
+                                       dtype=dtype, device=device)
+    return adapters
+
+
+def set_split_adapters(split: SplitLinear, adapters: dict = None):
+    """Install stack_split_updates' result on the parts of `split` (None: every part's base branch)."""
+    for name in split.spans:
+        split.get_submodule(name).set_adapters(None if adapters is None else adapters[name])
 
 
 class _AdapterHost:

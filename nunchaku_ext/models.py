@@ -85,18 +85,42 @@ def flux1_layer_specs(model_config: dict, rank: int, precision: str = "int4") ->
 
 
 def check_flux1_checkpoint(info: CheckpointInfo):
-    """A file's declared layers must be FLUX.1 linears with the shapes its model_config implies."""
+    """A file's declared linears must be FLUX.1 linears with the shapes its model_config implies: a
+    whole layer as the map says, a split linear (docs/format.md) of w4a4 parts that together take
+    the linear's inputs and give its outputs (rows: out_features summed; cols: in_features summed)."""
     if info.model_family != FLUX1_FAMILY:
         raise ModelConfigError(f"model family {info.model_family!r} is not supported; this version runs "
                                f"{FLUX1_FAMILY!r}")
     known = flux1_layer_specs(info.model_config, info.rank)
-    for name, spec in info.layers.items():
+    for name, parts in info.modules().items():
         want = known.get(name)
         if want is None:
             raise ModelConfigError(f"layer '{name}' is not a quantizable linear of this FLUX.1 model")
-        if (spec.kind, spec.in_features, spec.out_features) != (want.kind, want.in_features, want.out_features):
-            raise ModelConfigError(f"layer '{name}' is declared {spec.kind} {spec.in_features}->{spec.out_features}; "
-                                   f"this FLUX.1 config makes it {want.kind} {want.in_features}->{want.out_features}")
+        if "" in parts:
+            spec = parts[""]
+            if (spec.kind, spec.in_features, spec.out_features) != (want.kind, want.in_features, want.out_features):
+                raise ModelConfigError(f"layer '{name}' is declared {spec.kind} {spec.in_features}->"
+                                       f"{spec.out_features}; this FLUX.1 config makes it {want.kind} "
+                                       f"{want.in_features}->{want.out_features}")
+            continue
+        if want.kind != "w4a4":
+            raise ModelConfigError(f"split linear '{name}': this FLUX.1 config makes it {want.kind}; only "
+                                   "w4a4 linears can be split")
+        not_w4a4 = sorted(part for part, spec in parts.items() if spec.kind != "w4a4")
+        if not_w4a4:
+            raise ModelConfigError(f"split linear '{name}': parts {not_w4a4} are not w4a4; only w4a4 layers "
+                                   "can be split")
+        mode = next(iter(parts.values())).part[0]
+        if mode == "rows":
+            in_features = next(iter(parts.values())).in_features
+            out_features = sum(spec.out_features for spec in parts.values())
+        else:
+            in_features = sum(spec.in_features for spec in parts.values())
+            out_features = next(iter(parts.values())).out_features
+        if (in_features, out_features) != (want.in_features, want.out_features):
+            raise ModelConfigError(f"split linear '{name}': its parts ({', '.join(sorted(parts))}, split by "
+                                   f"{mode}) compute {in_features}->{out_features}; this FLUX.1 config makes it "
+                                   f"{want.in_features}->{want.out_features}")
 
 
 @torch.no_grad()

@@ -1,14 +1,17 @@
 """LoRA absorption: a quantized layer with absorbed adapters equals its dense dequantized weight plus
-the merged LoRA, for whole layers and for row slices of fused ones (qkv, linear1)."""
+the merged LoRA, for whole layers, for row slices of fused ones (qkv, linear1), and for split
+linears (Nunchaku's linear1 as row parts, linear2 as column parts)."""
 import pytest
 import torch
 
-from nunchaku_ext.layers import W4A16Linear
+from nunchaku_ext.layers import SplitLinear, W4A16Linear
 from nunchaku_ext.lora import (
     AdapterSet,
     LowRankUpdate,
     SVDQW4A4LinearLoRA,
     W4A16LinearLoRA,
+    set_split_adapters,
+    stack_split_updates,
     stack_updates,
 )
 from nunchaku_ext.quantize import quantize_w4a4, quantize_w4a16
@@ -161,3 +164,97 @@ def test_bias_patch_on_a_layer_without_bias_is_refused():
     with pytest.raises(ValueError, match="no bias"):
         layer.set_adapters(AdapterSet(torch.zeros(0, 64, dtype=torch.bfloat16),
                                       torch.zeros(64, 0, dtype=torch.bfloat16), torch.zeros(64)))
+
+
+# Split linears shaped like a single block's (h = 64, m = 128): linear1 = rows [qkv 3h | mlp m],
+# linear2 = cols [attention h, signed | mlp m, unsigned]. (part name, span, act_unsigned)
+SPLITS = {
+    "rows": [("qkv_proj", (0, 192), False), ("mlp_fc1", (192, 320), False)],
+    "cols": [("out_proj", (0, 64), False), ("mlp_fc2", (64, 192), True)],
+}
+SPLIT_UPDATES = {  # mode -> [(rows, rank, scale, offset)] on the whole linear
+    # the whole linear (across both parts), q alone, the MLP rows, and rows straddling the boundary
+    "rows": [(320, 4, 0.75, 0), (64, 2, 1.0, 0), (128, 4, -0.5, 192), (64, 2, 2.0, 160)],
+    "cols": [(64, 4, 0.75, 0), (32, 2, -1.5, 16)],
+}
+
+
+def split_linear(mode, rank=8, seed=0):
+    """(SplitLinear of LoRA-capable parts, its dense weight [N, K] and bias [N] before quantization)."""
+    g = torch.Generator().manual_seed(seed)
+    spans = SPLITS[mode]
+    other = 64  # in_features of rows parts, out_features of cols parts
+    total = spans[-1][1][1]
+    dense_w = torch.randn((total, other) if mode == "rows" else (other, total), generator=g)
+    dense_b = torch.randn(total if mode == "rows" else other, generator=g)
+    parts = {}
+    for i, (name, (start, stop), unsigned) in enumerate(spans):
+        w = dense_w[start:stop] if mode == "rows" else dense_w[:, start:stop]
+        # cols: the parts' biases add up to the linear's; the first part holds it
+        b = dense_b[start:stop] if mode == "rows" else (dense_b if i == 0 else None)
+        q = quantize_w4a4(w, b, rank, act_unsigned=unsigned)
+        layer = SVDQW4A4LinearLoRA(w.shape[1], w.shape[0], rank, bias=q.bias is not None, act_unsigned=unsigned)
+        layer.load_state_dict(q.state_dict())
+        parts[name] = (start, stop, layer)
+    return SplitLinear(mode, parts)
+
+
+def split_dense(split):
+    """The dense weight a split linear stands for, fp64 [N, K]: its parts' dequantized weights joined."""
+    weights = [split.get_submodule(name).dequantize().double() for name in split.spans]
+    return torch.cat(weights, dim=0 if split.mode == "rows" else 1)
+
+
+@pytest.mark.parametrize("mode", list(SPLITS))
+def test_split_linear_with_absorbed_lora_equals_dense_plus_merged_lora(mode):
+    split = split_linear(mode)
+    N, K = split.out_features, split.in_features
+    base_dense = split_dense(split)
+    updates = [random_update(n, K, r, s, off, seed=20 + i) for i, (n, r, s, off) in enumerate(SPLIT_UPDATES[mode])]
+    set_split_adapters(split, stack_split_updates(split, updates))
+
+    delta = merged_delta(updates, N, K)
+    assert delta.abs().max() > 20 * bf16_merge_tolerance(updates)  # the LoRA is far above the tolerance
+    err = (split_dense(split) - base_dense - delta).abs().max().item()
+    assert err <= bf16_merge_tolerance(updates)
+    # a rows part holds only the ranks of the updates that reach its rows
+    if mode == "rows":
+        assert split.qkv_proj.rank - 8 == 4 + 2 + 2 and split.mlp_fc1.rank - 8 == 4 + 4 + 2
+
+    set_split_adapters(split, None)
+    assert torch.equal(split_dense(split), base_dense)
+
+
+@pytest.mark.parametrize("mode", list(SPLITS))
+def test_split_linear_forward_changes_by_the_lora_and_bias_delta(mode):
+    split = split_linear(mode)
+    N, K = split.out_features, split.in_features
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, K, generator=g)
+    if mode == "cols":  # the MLP part's input is a GELU output, as in linear2
+        x[..., 64:] = torch.nn.functional.gelu(x[..., 64:], approximate="tanh")
+    base = split(x).double()
+    updates = [random_update(n, K, r, s, off, seed=30 + i) for i, (n, r, s, off) in enumerate(SPLIT_UPDATES[mode])]
+    bias = torch.randn(N, generator=g)
+    set_split_adapters(split, stack_split_updates(split, updates, bias=bias))
+
+    want = x.double() @ merged_delta(updates, N, K).T + bias.double()
+    got = split(x).double() - base
+    assert want.abs().max() > 1.0
+    # bf16 factors and bias (8 significant bits), on outputs of magnitude ~ want's
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()
+    if mode == "cols":  # the bias delta went to one part only
+        assert "base_bias" in split.out_proj._buffers and "base_bias" not in split.mlp_fc2._buffers
+
+    set_split_adapters(split, None)
+    assert torch.equal(split(x).double(), base)
+
+
+def test_split_updates_reject_factors_that_do_not_fit_the_linear():
+    split = split_linear("cols")
+    with pytest.raises(ValueError, match="down is"):
+        stack_split_updates(split, [LowRankUpdate(torch.zeros(64, 2), torch.zeros(2, 64), 1.0)])
+    with pytest.raises(ValueError, match="outside"):
+        stack_split_updates(split, [LowRankUpdate(torch.zeros(64, 2), torch.zeros(2, 192), 1.0, row_offset=8)])
+    with pytest.raises(ValueError, match="bias delta"):
+        stack_split_updates(split, [], bias=torch.zeros(192))

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from nunchaku_ext.format import load_checkpoint, save_checkpoint
+from nunchaku_ext.layers import LayerSpec
 from nunchaku_ext.lora import make_lora_layer
 from nunchaku_ext.models import (
     FLUX1_FAMILY,
@@ -117,3 +118,39 @@ def test_checkpoint_check_names_wrong_layers():
 def test_layer_widths_must_fit_the_group_size():
     with pytest.raises(ModelConfigError, match="group size"):
         quantize_flux1_state_dict({}, dict(TINY, hidden_size=96, num_heads=1, axes_dim=[16, 40, 40]), rank=4)
+
+
+def split_single_block_info(rank=4):
+    """TINY's checkpoint info with single block 0's linear1 split by rows and linear2 by columns, as
+    Nunchaku's files have them (attention part first)."""
+    info, _ = quantize_flux1_state_dict(dense_flux1_state_dict(TINY), TINY, rank=rank)
+    h, m = TINY["hidden_size"], int(TINY["hidden_size"] * TINY["mlp_ratio"])
+    p = "single_blocks.0"
+    del info.layers[f"{p}.linear1"], info.layers[f"{p}.linear2"]
+    w4a4 = lambda k, n, part, unsigned=False: LayerSpec("w4a4", k, n, True, rank, unsigned, part)  # noqa: E731
+    info.layers.update({f"{p}.linear1.qkv_proj": w4a4(h, 3 * h, ("rows", 0, 3 * h)),
+                        f"{p}.linear1.mlp_fc1": w4a4(h, m, ("rows", 3 * h, 3 * h + m)),
+                        f"{p}.linear2.out_proj": w4a4(h, h, ("cols", 0, h)),
+                        f"{p}.linear2.mlp_fc2": w4a4(m, h, ("cols", h, h + m), unsigned=True)})
+    return info
+
+
+def test_checkpoint_check_accepts_split_linears_whose_parts_make_the_linear():
+    check_flux1_checkpoint(split_single_block_info())
+
+
+def test_checkpoint_check_names_split_linears_that_do_not_make_the_linear():
+    info = split_single_block_info()
+    mlp = info.layers.pop("single_blocks.0.linear1.mlp_fc1")
+    with pytest.raises(ModelConfigError, match=r"split linear 'single_blocks.0.linear1'.*->384; .* 128->896"):
+        check_flux1_checkpoint(info)
+    info = split_single_block_info()
+    info.layers["single_blocks.0.linear1.mlp_fc1"] = LayerSpec("w4a16", mlp.in_features, mlp.out_features, True,
+                                                              part=mlp.part)
+    with pytest.raises(ModelConfigError, match=r"parts \['mlp_fc1'\] are not w4a4"):
+        check_flux1_checkpoint(info)
+    info = split_single_block_info()
+    del info.layers["single_blocks.0.modulation.lin"]
+    info.layers["single_blocks.0.modulation.lin.a"] = LayerSpec("w4a4", 128, 384, True, 4, part=("rows", 0, 384))
+    with pytest.raises(ModelConfigError, match="makes it w4a16"):
+        check_flux1_checkpoint(info)

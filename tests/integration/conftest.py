@@ -45,6 +45,7 @@ def comfy_base(tmp_path_factory):
     from nunchaku_ext.format import save_checkpoint
     from nunchaku_ext.models import quantize_flux1_state_dict
     import tiny_models as tm
+    from tiny_nunchaku import nunchaku_tiny_flux
 
     base = tmp_path_factory.mktemp("comfy_base")
     (base / "custom_nodes").mkdir()
@@ -56,6 +57,13 @@ def comfy_base(tmp_path_factory):
     # A dev model and a schnell one: the same weights without the guidance embedder.
     dense = tm.dense_flux_state_dict()
     info, tensors = quantize_flux1_state_dict(dense, tm.FLUX_CONFIG, rank=32, precision="int4")
+    # The dev model quantized as Nunchaku's files are: in Nunchaku's single-file and folder forms,
+    # and in our format with the same quantized tensors.
+    nunchaku, (split_info, split_tensors) = nunchaku_tiny_flux(dense, tm.FLUX_CONFIG, info, tensors)
+    nunchaku.save_file(models / "diffusion_models" / "tiny-flux-nunchaku-int4.safetensors")
+    nunchaku.save_folder(models / "diffusion_models" / "tiny-flux-nunchaku-folder")
+    save_checkpoint(models / "diffusion_models" / "tiny-flux-split-svdq-int4.safetensors", split_info, split_tensors)
+    del nunchaku, split_tensors
     for variant, guidance in (("", True), ("-schnell", False)):
         keep = (lambda k: True) if guidance else (lambda k: not k.startswith("guidance_in."))
         save_file({k: v.to(torch.bfloat16) for k, v in dense.items() if keep(k)},
@@ -67,7 +75,8 @@ def comfy_base(tmp_path_factory):
 
     tm.save_clip_l(models / "text_encoders" / "clip_l_random.safetensors")
     tm.save_taef1(models / "vae_approx" / "taef1_encoder.safetensors", models / "vae_approx" / "taef1_decoder.safetensors")
-    for name, make in [("kohya", tm.kohya_lora), ("diffusers", tm.diffusers_lora), ("lokr", tm.lokr_lora)]:
+    for name, make in [("kohya", tm.kohya_lora), ("diffusers", tm.diffusers_lora), ("lokr", tm.lokr_lora),
+                       ("split", tm.split_lora)]:
         save_file(make(), str(models / "loras" / f"tiny-{name}.safetensors"))
     return base
 

@@ -16,16 +16,17 @@ LORA_FILES = {"flux-lora-style.safetensors": "tiny-kohya.safetensors",
 STEPS, SIZE = 4, 128
 
 
-def tiny_graph(workflow, loader, prefix, loras=None):
+def tiny_graph(workflow, loader, prefix, loras=None, svdq_model=None):
     """A workflow's API graph with the tiny models: loader 'svdq' (ours) or 'bf16' (UNETLoader).
-    `loras` overrides LoraLoaderModelOnly nodes: node id -> (file, strength)."""
+    `loras` overrides LoraLoaderModelOnly nodes: node id -> (file, strength); `svdq_model` names
+    another model for our loader than the tiny SVDQuant file."""
     g = copy.deepcopy(workflow)
     for node in g.values():
         ct, inputs = node["class_type"], node["inputs"]
         if ct == "SVDQuantFluxLoader":
             schnell = "schnell" in inputs["model_name"]
             if loader == "svdq":
-                inputs.update(model_name=f"tiny-flux{'-schnell' if schnell else ''}-svdq-int4.safetensors",
+                inputs.update(model_name=svdq_model or f"tiny-flux{'-schnell' if schnell else ''}-svdq-int4.safetensors",
                               backend="reference")
             else:
                 node["class_type"] = "UNETLoader"
@@ -98,7 +99,10 @@ def test_pack_imports_and_registers_its_node(comfy):
     assert "IMPORT FAILED" not in log and "Cannot import" not in log, log[-3000:]
     info = comfy.get("/object_info/SVDQuantFluxLoader")["SVDQuantFluxLoader"]
     required = info["input"]["required"]
-    assert required["model_name"][0] == ["tiny-flux-schnell-svdq-int4.safetensors", "tiny-flux-svdq-int4.safetensors"]
+    # ours, Nunchaku's single file and Nunchaku's folder (by its name; the files in it are not listed)
+    assert required["model_name"][0] == ["tiny-flux-nunchaku-folder", "tiny-flux-nunchaku-int4.safetensors",
+                                         "tiny-flux-schnell-svdq-int4.safetensors", "tiny-flux-split-svdq-int4.safetensors",
+                                         "tiny-flux-svdq-int4.safetensors"]
     assert required["backend"][0] == ["auto", "cuda", "reference"]
     assert info["output"] == ["MODEL"]
 
@@ -205,3 +209,52 @@ def test_ui_workflows_are_templates_built_from_their_api_copies(comfy):
         ui = json.loads((REPO / "workflows" / f"{name}.json").read_text())
         assert ui == api_to_ui(api, object_info), f"workflows/{name}.json is stale: rerun ui_workflow.py"
     assert sorted(comfy.get("/workflow_templates")["ComfyUI-SVDQuant"]) == names
+
+
+NUNCHAKU_FILE, NUNCHAKU_FOLDER = "tiny-flux-nunchaku-int4.safetensors", "tiny-flux-nunchaku-folder"
+# The same quantized weights in our format (single blocks split as in Nunchaku's file): the
+# imported model differs from it only in the modulation biases, which Nunchaku's file holds with
+# +1 folded in (one bf16 rounding, 2^-8, on a third of them).
+SPLIT_FILE = "tiny-flux-split-svdq-int4.safetensors"
+MIN_COSINE_SAME_WEIGHTS = 0.999
+
+
+def test_nunchaku_checkpoint_loads_and_matches_bf16_and_our_format(comfy):
+    workflow = load_api_workflow("flux1-dev-t2i")
+    ref_lat, ref_img, _ = run_outputs(comfy, tiny_graph(workflow, "bf16", "nunchaku-bf16"))
+    lat, img, _ = run_outputs(comfy, tiny_graph(workflow, "svdq", "nunchaku-file", svdq_model=NUNCHAKU_FILE))
+    folder_lat, _, _ = run_outputs(comfy, tiny_graph(workflow, "svdq", "nunchaku-folder", svdq_model=NUNCHAKU_FOLDER))
+    ours_lat, ours_img, _ = run_outputs(comfy, tiny_graph(workflow, "svdq", "nunchaku-ours", svdq_model=SPLIT_FILE))
+    (k,) = lat
+    vs_bf16, vs_ours = cosine(lat[k], ref_lat[k]), cosine(lat[k], ours_lat[k])
+    RESULTS["Nunchaku INT4 file vs BF16 UNETLoader"] = (f"latent cosine {vs_bf16:.4f}, image PSNR "
+                                                        f"{psnr(img['14'], ref_img['14']):.1f} dB")
+    RESULTS["Nunchaku INT4 file vs the same weights in our format"] = (
+        f"latent cosine {vs_ours:.6f}, image PSNR {psnr(img['14'], ours_img['14']):.1f} dB, "
+        f"max |latent diff| {(lat[k] - ours_lat[k]).abs().max().item():.2e}")
+    assert vs_bf16 >= MIN_COSINE
+    assert vs_ours >= MIN_COSINE_SAME_WEIGHTS
+    assert torch.equal(folder_lat[k], lat[k]), "the folder form holds the same tensors as the single file"
+
+
+def test_nunchaku_checkpoint_with_a_lora_on_split_linears_matches_bf16(comfy):
+    """A stock LoraLoaderModelOnly LoRA on single_blocks.0.linear1 / linear2 (split linears in the
+    imported model; weight and bias) and on a double block's qkv."""
+    workflow = load_api_workflow("flux1-dev-two-loras")
+    loras = {"15": ("tiny-split.safetensors", 1.0), "16": ("tiny-kohya.safetensors", 0.0)}
+    ref_lat, ref_img, _ = run_outputs(comfy, tiny_graph(workflow, "bf16", "nk-lora-bf16", loras=loras))
+    lat, img, _ = run_outputs(comfy, tiny_graph(workflow, "svdq", "nk-lora", loras=loras, svdq_model=NUNCHAKU_FILE))
+    ours_lat, _, _ = run_outputs(comfy, tiny_graph(workflow, "svdq", "nk-lora-ours", loras=loras,
+                                                  svdq_model=SPLIT_FILE))
+    no_lora = {"15": ("tiny-split.safetensors", 0.0), "16": ("tiny-kohya.safetensors", 0.0)}
+    ref_plain, _, _ = run_outputs(comfy, tiny_graph(workflow, "bf16", "nk-lora-off-bf16", loras=no_lora))
+    (k,) = lat
+    with_lora, vs_plain = cosine(lat[k], ref_lat[k]), cosine(lat[k], ref_plain[k])
+    lora_effect, vs_ours = cosine(ref_lat[k], ref_plain[k]), cosine(lat[k], ours_lat[k])
+    RESULTS["Nunchaku INT4 file + split-linear LoRA vs BF16 + LoRA"] = (
+        f"latent cosine {with_lora:.4f}, image PSNR {psnr(img['14'], ref_img['14']):.1f} dB (vs BF16 without "
+        f"the LoRA: {vs_plain:.4f}; BF16 with vs without: {lora_effect:.4f}; vs our format + LoRA: {vs_ours:.6f})")
+    assert lora_effect < 0.9, "the test LoRA must change the output for this test to mean anything"
+    assert with_lora >= MIN_COSINE_LORA
+    assert with_lora > vs_plain + 0.1
+    assert vs_ours >= MIN_COSINE_SAME_WEIGHTS

@@ -85,6 +85,25 @@ def kohya_lora(config=FLUX_CONFIG, seed=1):
     return sd
 
 
+def split_lora(config=FLUX_CONFIG, seed=4):
+    """kohya-style keys on the single block's linear1 and linear2 (split linears in a Nunchaku
+    checkpoint), each with a bias difference (diff_b), and on a double block's qkv."""
+    h = config["hidden_size"]
+    m = int(h * config["mlp_ratio"])
+    targets = {"single_blocks_0_linear1": (3 * h + m, h), "single_blocks_0_linear2": (h, h + m),
+               "double_blocks_0_txt_attn_qkv": (3 * h, h)}
+    g = torch.Generator().manual_seed(seed * 100 + 99)
+    sd = {}
+    for i, (name, (n, k)) in enumerate(targets.items()):
+        up, down = lora_factors(n, k, seed * 100 + i)
+        sd[f"lora_unet_{name}.lora_up.weight"] = up.to(torch.bfloat16)
+        sd[f"lora_unet_{name}.lora_down.weight"] = down.to(torch.bfloat16)
+        sd[f"lora_unet_{name}.alpha"] = torch.tensor(float(LORA_RANK))
+        if name.startswith("single_blocks"):
+            sd[f"lora_unet_{name}.diff_b"] = (torch.randn(n, generator=g) * 0.5).to(torch.bfloat16)
+    return sd
+
+
 def diffusers_lora(config=FLUX_CONFIG, seed=2):
     """diffusers/PEFT keys (transformer.*, lora_A/lora_B): separate q/k/v of a double block's image
     stream and of the single block, which ComfyUI maps to row slices of the fused qkv / linear1."""
