@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .layers import LayerSpec, SplitLinear, SVDQW4A4Linear, W4A16Linear
+from .layers import LayerSpec, SplitLinear, SVDQW4A4Linear, W4A16Linear, make_layer
 
 
 @dataclass(frozen=True)
@@ -194,9 +194,4 @@ class W4A16LinearLoRA(W4A16Linear, _AdapterHost):
 
 def make_lora_layer(spec: LayerSpec, precision: str, dtype=torch.bfloat16, device=None) -> torch.nn.Module:
     """Like nunchaku_ext.layers.make_layer, for layers that accept adapters."""
-    if spec.kind == "w4a4":
-        return SVDQW4A4LinearLoRA(spec.in_features, spec.out_features, spec.rank, bias=spec.bias,
-                                  precision=precision, act_unsigned=spec.act_unsigned, dtype=dtype, device=device)
-    if spec.kind == "w4a16":
-        return W4A16LinearLoRA(spec.in_features, spec.out_features, bias=spec.bias, dtype=dtype, device=device)
-    raise ValueError(f"unknown layer kind {spec.kind!r}; known: w4a4, w4a16")
+    return make_layer(spec, precision, dtype, device, w4a4_class=SVDQW4A4LinearLoRA, w4a16_class=W4A16LinearLoRA)
