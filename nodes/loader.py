@@ -102,10 +102,13 @@ def resolve_backend(choice, precision, load_device):
     if not on_cuda:
         raise RuntimeError(f"SVDQuant: backend 'cuda' needs a CUDA device; this model loads on {load_device}. "
                            "Choose backend 'auto' or 'reference'.")
-    if precision != "int4":
-        raise RuntimeError(f"SVDQuant: this is an {precision.upper()} file and this version has GPU kernels for "
-                           "INT4 files only. Use the INT4 file of this model, or backend 'reference' (very slow).")
-    ok, reason = backends.get("cuda").available()
+    cuda = backends.get("cuda")
+    if precision == "nvfp4":  # NVFP4 kernels need sm_80 or newer: refuse here, not in the first step
+        try:
+            cuda.nvfp4_mma_path(torch.cuda.get_device_capability(load_device))
+        except NotImplementedError as e:
+            raise RuntimeError(f"SVDQuant: {e}") from None
+    ok, reason = cuda.available()
     if not ok:
         raise RuntimeError(f"SVDQuant: the CUDA kernels are not available: {reason}\n"
                            "Backend 'reference' runs without them (very slow).")
