@@ -33,16 +33,7 @@ from nunchaku_ext.backends import cuda as cuda_backend
 from nunchaku_ext.backends import reference
 from nunchaku_ext.layers import SVDQW4A4Linear
 from nunchaku_ext.quantize import quantize_w4a4
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-FLUX_NK = [(9216, 3072), (3072, 3072), (12288, 3072), (3072, 12288), (21504, 3072), (3072, 15360)]
-
-
-@pytest.fixture(scope="module")
-def ext():
-    torch.backends.cuda.matmul.allow_tf32 = False  # the reference's fp32 matmuls stay fp32
-    return cuda_build.load()
+from test_cuda_w4a4 import FLUX_NK, ext, requires_cuda  # noqa: F401 (fixture)
 
 
 # ------------------------------------------------------------------------------------------------

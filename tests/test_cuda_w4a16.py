@@ -20,14 +20,7 @@ from nunchaku_ext.backends import cuda as cuda_backend
 from nunchaku_ext.backends import cuda_w4a16, reference
 from nunchaku_ext.layers import W4A16Linear
 from nunchaku_ext.lora import AdapterSet, W4A16LinearLoRA
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture(scope="module")
-def ext():
-    torch.backends.cuda.matmul.allow_tf32 = False  # the reference's fp32 matmul stays fp32
-    return cuda_build.load()
+from test_cuda_w4a4 import ext, requires_cuda  # noqa: F401 (fixture)
 
 
 def make_layer(N, K, *, dtype=torch.bfloat16, bias=True, device="cuda", seed=0, cls=W4A16Linear):
