@@ -30,10 +30,9 @@ import torch
 
 from nunchaku_ext import cuda_build, numerics
 from nunchaku_ext.backends import cuda as cuda_backend
-from nunchaku_ext.backends import reference
 from nunchaku_ext.layers import SVDQW4A4Linear
 from nunchaku_ext.quantize import quantize_w4a4
-from test_cuda_w4a4 import FLUX_NK, ext, requires_cuda  # noqa: F401 (fixture)
+from test_cuda_w4a4 import FLUX_NK, check_linear, ext, requires_cuda  # noqa: F401 (fixture)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -320,39 +319,6 @@ def check_quantize(layer, x):
         ref = x2.double() @ layer.lora_down.double().T
         bound = x2.double().abs() @ layer.lora_down.double().abs().T
         assert ((lora_act.double() - ref).abs() <= 2 ** -16 * bound + 1e-30).all()
-
-
-def _round_up(v, m):
-    return (v + m - 1) // m * m
-
-
-def check_linear(layer, x, *, via_module=False):
-    N, K = layer.out_features, layer.in_features
-    y_ref = reference.w4a4_linear(layer, x)
-    if via_module:
-        y = layer(x)
-    else:
-        out = torch.full((*x.shape[:-1], N), float("nan"), dtype=x.dtype, device=x.device)
-        y = cuda_backend.forward(layer, x, out=out)
-        assert y.data_ptr() == out.data_ptr()
-    assert y.shape == y_ref.shape and y.dtype == x.dtype
-    assert not y.isnan().any(), "unwritten (NaN-poisoned) output elements"
-    x2 = x.reshape(-1, K)
-    codes, sx = numerics.quantize_act_nvfp4(numerics.smooth_input(x2, layer.smooth, False))
-    deq_x = numerics.e2m1_to_float(codes).abs() * numerics.expand_groups(sx.float(), 16)
-    S = deq_x @ layer.dequantized_residual().abs().T  # dequantized_residual includes wtscale, wcscales
-    if layer.rank:
-        S += (x2.float() @ layer.lora_down.float().T).abs() @ layer.lora_up.float().abs().T
-    if layer.bias is not None:
-        S += layer.bias.float().abs()
-    S = S.reshape(y.shape)
-    yf, rf = y.float(), y_ref.float()
-    rel = 2 ** -16
-    if cuda_backend.layer_mma_path(layer, x.device) is cuda_backend.NVFP4_BLOCK_SCALED_PATH:
-        rel += 3 * _round_up(K, 64) * 2 ** -29  # sm_120's tensor-core fp32 accumulation (module docstring)
-    tol = torch.finfo(x.dtype).eps * torch.maximum(yf.abs(), rf.abs()) + rel * S
-    err = (yf - rf).abs()
-    assert (err <= tol).all(), f"max err/tol {(err / tol.clamp_min(1e-30)).max().item():.3g}"
 
 
 QUANT_CASES = [
