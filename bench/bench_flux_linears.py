@@ -319,7 +319,7 @@ def main():
         finally:
             torch.cuda.synchronize()
 
-    with torch.no_grad():  # not inference_mode: the backend keys its weight cache on tensor version counters
+    with torch.no_grad():
         for block, name, M, N, K, unsigned, batch in flux_linears(args.quick):
             row = {"block": block, "name": name, "batch": batch, "M": M, "N": N, "K": K, "unsigned": unsigned,
                    "flop": 2 * M * N * K}
@@ -360,16 +360,12 @@ def main():
                         layer = random_layer(N, K, rank, unsigned=unsigned)
                         timed(row, key, lambda x: cb.forward(layer, x), xs)
                         if rank == RANK:  # the two kernels alone
-                            path = cb.mma_path(dev)
-                            prep = cb.prepare(layer, dev, path)
-                            ext = cb.extension()
-                            quant = lambda x: ext.quantize_act_lora_down(x, prep.smooth, prep.lora_down, unsigned,  # noqa: E731
-                                                                         path.name)
+                            path = cb.layer_mma_path(layer, dev)
+                            row["svdq_path"] = path.name
+                            quant = lambda x: cb.kernel_a(layer, x, path)  # noqa: E731
                             timed(row, "svdq_r32_kernelA_quant_down", quant, xs)
                             qs = [quant(x) for x in xs]
-                            timed(row, "svdq_r32_kernelB_gemm", lambda q: ext.w4a4_gemm(
-                                *q, prep.wgt_packed, prep.wgt_scales, prep.lora_up, prep.bias, M, N, unsigned,
-                                path.name, torch.bfloat16), qs)
+                            timed(row, "svdq_r32_kernelB_gemm", lambda q: cb.kernel_b(layer, q, M, path), qs)
                             del qs
                         del layer
                     except Exception as e:  # noqa: BLE001

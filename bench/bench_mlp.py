@@ -22,14 +22,16 @@ def main():
     args = ap.parse_args()
     ext = cuda_build.load()
     device = torch.device("cuda", torch.cuda.current_device())
-    path = cuda_backend.mma_path(device)
+    path = cuda_backend._mma_sync_path(cuda_backend.mma_path(device))  # the fused MLP kernels are mma.sync ones
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  mma path {path.name}  rank {args.rank}")
     K1, N1, N2 = 3072, 12288, 3072
     fc1 = random_layer(N1, K1, args.rank)
     fc2 = random_layer(N2, N1, args.rank, unsigned=True)
     w1 = torch.randn(N1, K1, device="cuda", dtype=torch.bfloat16) / K1 ** 0.5
     w2 = torch.randn(N2, N1, device="cuda", dtype=torch.bfloat16) / N1 ** 0.5
-    p1, p2 = cuda_backend.prepare(fc1, device, path), cuda_backend.prepare(fc2, device, path)
+    # The layers' own tensors, as the kernels take them (w4a4_mlp_fc1 has no NVFP4 factors)
+    smooth2, lora_down2 = cuda_backend._act_operands(fc2, device)
+    ops1 = {k: v for k, v in cuda_backend.layer_operands(fc1, device).items() if k not in ("wtscale", "wcscales")}
     print(f"{'M':>6} {'bf16 F.linear x2':>16} {'two linears':>12} {'fused':>8} {'fused vs two':>12} | fused parts: "
           f"{'quant x':>8} {'fc1+gelu+quant':>14} {'fc2 gemm':>8}")
     for M in (int(v) for v in args.rows.split(",")):
@@ -37,14 +39,15 @@ def main():
         t_bf16 = median_ms(lambda x: F.linear(F.gelu(F.linear(x, w1), approximate="tanh"), w2), xs)
         t_two = median_ms(lambda x: cuda_backend.forward(fc2, F.gelu(cuda_backend.forward(fc1, x), approximate="tanh")), xs)
         t_fused = median_ms(lambda x: cuda_backend.mlp_w4a4(fc1, fc2, x), xs)
-        qs = [ext.quantize_act_lora_down(x, p1.smooth, p1.lora_down, False, path.name) for x in xs]
-        t_quant = median_ms(lambda x: ext.quantize_act_lora_down(x, p1.smooth, p1.lora_down, False, path.name), xs)
-        t_fc1 = median_ms(lambda q: ext.w4a4_mlp_fc1(*q, p1.wgt_packed, p1.wgt_scales, p1.lora_up, p1.bias, M, N1,
-                                                     path.name, torch.bfloat16, p2.smooth, p2.lora_down), qs)
-        hs = [ext.w4a4_mlp_fc1(*q, p1.wgt_packed, p1.wgt_scales, p1.lora_up, p1.bias, M, N1, path.name,
-                               torch.bfloat16, p2.smooth, p2.lora_down) for q in qs]
-        t_fc2 = median_ms(lambda h: ext.w4a4_gemm(*h, p2.wgt_packed, p2.wgt_scales, p2.lora_up, p2.bias, M, N2, True,
-                                                  path.name, torch.bfloat16), hs)
+        qs = [cuda_backend.kernel_a(fc1, x, path) for x in xs]
+        t_quant = median_ms(lambda x: cuda_backend.kernel_a(fc1, x, path), xs)
+
+        def fc1_fused(q):
+            return ext.w4a4_mlp_fc1(*q, M=M, mma_path=path.name, smooth2=smooth2, lora_down2=lora_down2, **ops1)
+
+        t_fc1 = median_ms(fc1_fused, qs)
+        hs = [fc1_fused(q) for q in qs]
+        t_fc2 = median_ms(lambda h: cuda_backend.kernel_b(fc2, h, M, path), hs)
         print(f"{M:>6} {t_bf16:>13.3f} ms {t_two:>9.3f} ms {t_fused:>5.3f} ms {t_two / t_fused:>11.2f}x | "
               f"{t_quant:>5.3f} ms {t_fc1:>11.3f} ms {t_fc2:>5.3f} ms")
 

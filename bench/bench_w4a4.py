@@ -48,7 +48,7 @@ def main():
     ap.add_argument("--shapes", default="4096x12288x3072,4608x3072x12288,4096x9216x3072,4608x21504x3072")
     ap.add_argument("--rank", type=int, default=32)
     args = ap.parse_args()
-    ext = cuda_build.load()
+    cuda_build.load()  # build before timing
     path = cuda_backend.mma_path(torch.device("cuda", torch.cuda.current_device())).name
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  mma path {path}")
     print(f"{'M x N x K':>20} {'bf16 F.linear':>14} {'w4a4 total':>11} {'quant+down':>11} {'gemm':>8} "
@@ -61,13 +61,10 @@ def main():
         xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
         t_bf16 = median_ms(lambda x: F.linear(x, w, b), xs)
         t_total = median_ms(lambda x: cuda_backend.forward(layer, x), xs)
-        device = torch.device("cuda", torch.cuda.current_device())
-        path = cuda_backend.mma_path(device)
-        prep = cuda_backend.prepare(layer, device, path)
-        t_quant = median_ms(lambda x: ext.quantize_act_lora_down(x, prep.smooth, prep.lora_down, False, path.name), xs)
-        qs = [ext.quantize_act_lora_down(x, prep.smooth, prep.lora_down, False, path.name) for x in xs]
-        t_gemm = median_ms(lambda q: ext.w4a4_gemm(*q, prep.wgt_packed, prep.wgt_scales, prep.lora_up, prep.bias,
-                                                   M, N, False, path.name, torch.bfloat16), qs)
+        path = cuda_backend.layer_mma_path(layer, torch.device("cuda", torch.cuda.current_device()))
+        t_quant = median_ms(lambda x: cuda_backend.kernel_a(layer, x, path), xs)
+        qs = [cuda_backend.kernel_a(layer, x, path) for x in xs]
+        t_gemm = median_ms(lambda q: cuda_backend.kernel_b(layer, q, M, path), qs)
         tops = 2 * M * N * K / t_total / 1e9
         print(f"{shape:>20} {t_bf16:>11.3f} ms {t_total:>8.3f} ms {t_quant:>8.3f} ms {t_gemm:>5.3f} ms "
               f"{t_bf16 / t_total:>12.2f}x {tops:>9.0f}")

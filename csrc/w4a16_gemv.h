@@ -6,18 +6,21 @@
 namespace svdq {
 
 constexpr int kW4A16Group = 64;    // weight group size along K (scale + zero per group)
-constexpr int kW4A16BlockN = 32;   // output features per block; N_pad is a multiple of this
+constexpr int kW4A16BlockN = 32;   // output features per block (the last block's tail is guarded)
 constexpr int kW4A16BlockM = 8;    // batch rows per block (the n8 side of the MMA)
-constexpr int kW4A16MaxM = 65535 * kW4A16BlockM;  // grid.y limit
+constexpr int kW4A16MaxM = 0x7FFFFFF8;                // rows are int; grid.x = ceil(M / 8) chunks
+constexpr int kW4A16MaxN = 65535 * kW4A16BlockN;      // grid.y limit
 
+// Every weight operand is a layer buffer in the FILE layout (docs/format.md), read in place:
 struct W4A16Args {
-  const void* wgt_packed;   // uint4 [N_pad/16][K/64][32]
-  const void* scale_zero;   // uint2 [N_pad/16][K/64][8]: 16-bit (scale, zero) of rows gid and gid+8
-  const float* bias;        // [N_pad] (zeros where the layer has none)
+  const uint8_t* qweight;   // [N, K/2] row-major, unsigned codes 0..15, low nibble = even k; 8-byte aligned
+  const void* wscales;      // [K/64, N] 16-bit (bf16 or fp16), contiguous
+  const void* wzeros;       // [K/64, N] same dtype as wscales, contiguous
+  const void* bias;         // [N] same dtype as wscales, or nullptr (no bias)
   const void* x;            // [M, K] bf16/fp16, row stride ldx elements (ldx % 8 == 0, 16-byte aligned)
   int64_t ldx;
   void* out;                // [M, N] in x's dtype, contiguous
-  int M, N, N_pad, G;
+  int M, N, G;              // G = K / 64
 };
 
 cudaError_t launch_w4a16_gemv(const W4A16Args& args, bool input_is_bf16, bool scales_are_bf16, cudaStream_t stream);

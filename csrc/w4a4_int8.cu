@@ -1,12 +1,12 @@
-// SVDQuant W4A4 linear for the INT8 tensor-core path (sm_80 and later; THE path on sm_90).
+// SVDQuant W4A4 linear for the INT8 tensor-core path (sm_80 and later; on sm_90 the fallback of the
+// wgmma path, w4a4_sm90a.cu, whose kernel A is the one below with Lane16E4M3Layout).
 //
 //   y[m,n] = sum_g (sum_{k in g} qx[m,k] * qw[n,k]) * sx[m,g] * sw[g,n]    int32 per group, fp32 sum
 //          + sum_r lora_act[m,r] * lora_up[n,r]                            low-rank branch, fp32
 //          + bias[n]
 //
 // Two kernels (DESIGN.md §2, §4):
-//   A  quantize_act_lora_down_kernel   one read of x: smooth, per-row 64-group scales, 4-bit codes
-//                                      packed straight into the GEMM's register-fragment layout,
+//   A  quantize_act_lora_down_kernel   one read of x: smooth, per-row 64-group scales, 4-bit codes,
 //                                      and lora_act = x . lora_down^T in fp32.
 //   B  w4a4_gemm_kernel                4-bit codes from memory, sign-extended to int8 in registers,
 //                                      multiplied with mma.sync m16n8k32 s8.s8.s32; every 64-wide
@@ -18,12 +18,12 @@
 // in int8, and a 64-group's dot product (|sum| <= 64*8*15) is exact in int32, so the group sums
 // are bit-identical to the spec's; only the fp32 accumulation order across groups differs.
 //
-// The GEMM is one template over the MMA flavour (a policy struct: its packed layout, how a packed
-// word becomes fragment registers, and the group's MMA chain); kernel A is a template over the
-// flavour's layout. The host picks the flavour per GPU (MmaPath in w4a4_int8.h):
-//   MmaS8m16n8k32  (below; interleaved-nibble layout)   sm_90, sm_120 and newer
-//   MmaS4m16n8k64  (w4a4_s4.cuh; native s4 layout)      sm_80, sm_86, sm_89
-//   MmaS4m8n8k32   (w4a4_s4.cuh; native s4 layout)      sm_75
+// The GEMM is one template over the MMA flavour (a policy struct: which k of a chunk each lane owns,
+// how a lane's words become fragment registers, and the group's MMA chain); kernel A is a template
+// over the flavour's layout. The host picks the flavour per GPU (MmaPath in w4a4_int8.h):
+//   MmaS8m16n8k32  (below)                              sm_90, sm_120 and newer
+//   MmaS4m16n8k64  (w4a4_s4.cuh)                        sm_80, sm_86, sm_89
+//   MmaS4m8n8k32   (w4a4_s4.cuh)                        sm_75
 //   MmaE2M1S8m16n8k16 (w4a4_nvfp4.cuh; NVFP4 files: 16-wide groups, E2M1 codes)  sm_80 .. sm_90
 //   MmaE2M1BlockScaledM16n8k64 (w4a4_nvfp4_bs.cuh; NVFP4 on the block-scaled FP4 MMA)  sm_120
 // All but the last give the same group sums, hence the same outputs bit for bit; the block-scaled
@@ -33,52 +33,54 @@
 // small keeps the all-arch build short. Tensor checks and allocation live in w4a4_ops.cpp.
 //
 // ------------------------------------------------------------------------------------------------
-// The interleaved-nibble fragment layout of the INT8 flavour (shared by the activation packer in
-// kernel A and the weight repack done once at load in nunchaku_ext/backends/cuda.py; the two MUST
-// agree, tests check both against the spec). The s4 flavours' layout is in w4a4_s4.cuh.
+// Memory layouts: the kernels read the layer's tensors as the checkpoint stores them (docs/format.md),
+// so a loaded model holds no second, repacked copy.
+//   qweight   uint8 [N, K/2]     two codes per byte, low nibble = even k (signed: two's complement)
+//   wscales   [K/group, N]       T (INT4, group 64) or E4M3 bytes (NVFP4, group 16)
+//   lora_up   T [N, R], bias T [N] (optional), smooth T [K], lora_down T [R, K]
+//   NVFP4: wtscale fp32 scalar (read on the device), wcscales fp32 [N]
+// T is the layer's 16-bit dtype, which is also x's and the output's. Kernel A writes the activation
+// codes in the same layout as qweight, one row per token:
+//   act_packed  uint8 [M_pad, K64/2]    (K64 = K rounded up to 64; zero codes past K and M)
+//   act_scales  fp32 [K64/group, M_pad] (group-major: a warp's loads for one group are contiguous)
+//   lora_act    fp32 [M_pad, R16]       (rank zero-padded to a multiple of 16)
+// M_pad is a multiple of the GEMM's block tile (128), so the GEMM reads activations without bounds
+// checks; weight rows past N (the last block column) are clamped to row N-1 and their outputs dropped.
 //
-// mma.sync.m16n8k32 .s8 register fragments (PTX ISA, "Matrix Fragments for mma.m16n8k32"), with
-// lane = 4*gid + tid (gid = lane/4 in 0..7, tid = lane%4 in 0..3):
+// Which k a lane owns. An MMA's dot product over one group does not depend on the order of its k, so
+// the fragments may take any permutation of a group's k as long as both operands use the same one.
+// Each flavour's Layout picks the one that makes its loads simplest: lane (gid, tid) (lane = 4*gid +
+// tid) owns, in each 64-chunk of each of its rows, four runs of 4 consecutive k, run j starting at
+// Layout::run_k(j, tid); in memory a run is the 16 bits at byte run_k / 2 of the row's 32-byte chunk.
+// A lane's codes of one row are two words: word w = run 2w (bits 0..15) | run 2w+1 (bits 16..31),
+// code b of a run in bits 4b - i.e. exactly the bytes in memory when the runs are adjacent
+// (Layout::kAdjacentRuns: 4 = one 8-byte access per row and chunk, 2 = two 4-byte, 1 = four 2-byte).
+//
+// The INT8 flavour's layout, Lane16Layout: lane tid owns k 16tid .. 16tid+15 (one 8-byte access).
+// mma.sync.m16n8k32 .s8 register fragments (PTX ISA, "Matrix Fragments for mma.m16n8k32"):
 //   A (16x32, row-major)  a0: row gid,   k tid*4+0..3      a1: row gid+8, k tid*4+0..3
 //                         a2: row gid,   k 16+tid*4+0..3   a3: row gid+8, k 16+tid*4+0..3
 //   B (32x8, "col")       b0: col gid,   k tid*4+0..3      b1: col gid,   k 16+tid*4+0..3
 //   C (16x8, int32)       c0,c1: row gid, cols 2*tid, 2*tid+1   c2,c3: row gid+8, same cols
-// Each register holds 4 int8 values, byte b = k offset b.
-//
-// A packed 32-bit word holds 8 nibbles and expands to TWO such registers:
+// Each register holds 4 int8 values, byte b = k offset b. A word (8 codes) expands to two registers:
 //   low  register, byte b = nibble 2b     ((word     ) & 0x0F0F0F0F)
 //   high register, byte b = nibble 2b+1   ((word >> 4) & 0x0F0F0F0F)
-// so unpacking is two ANDs (plus a sign extension for signed codes) and no byte shuffling.
-//
-// Activations, one 16-row tile (mt) and one 64-group (g) = 32 lanes x 16 bytes (uint4, words w0..w3):
-//   word j (0..3) -> low = A reg for rows gid   (k = g*64 + 16*j + tid*4 + b)
-//                    high = A reg for rows gid+8 (same k)
-//   i.e. words 0,1 are {a0,a1},{a2,a3} of the first k32 MMA, words 2,3 those of the second.
-//   Address: act_packed[(mt * G + g) * 32 + lane]  (uint4) - a warp reads 512 contiguous bytes.
-//
-// Weights, one pair of 8-column tiles (p covers cols 16p..16p+15) and one group g = 32 lanes x uint4:
-//   word 2*t + v  (t = tile of the pair, v = which k32 MMA of the group)
-//        low  = b0 of col 16p + 8t + gid, k = g*64 + 32v + tid*4 + b
-//        high = b1 of the same col,       k = g*64 + 32v + 16 + tid*4 + b
-//   Address: wgt_packed[(p * G + g) * 32 + lane].
-//
-// Scales are fp32 and stored group-major so that a warp's loads for one group are contiguous:
-//   act_scales[g * M_pad + m], wgt_scales[g * N_pad + n].
-// Low-rank operands are fp32, rank padded with zeros to R16 (a multiple of 16):
-//   lora_act[m * R16 + r], lora_up[n * R16 + r].
-// M_pad and N_pad are multiples of the GEMM block tile (128); padded rows hold zero codes/scales,
-// padded weight columns zero codes/scales/bias, so the main loop needs no bounds checks.
+// (two ANDs plus a sign extension, no byte shuffling). Word v of a row feeds the group's k32 MMA v:
+// a0 / a1 = low registers of rows gid / gid+8, a2 / a3 = their high registers, b0 / b1 = the weight
+// row's low / high register; so MMA slot (v, k 4tid+b) holds k 16tid + 8v + 2b and slot (v, k
+// 16+4tid+b) holds k 16tid + 8v + 2b + 1, in both operands.
 // ------------------------------------------------------------------------------------------------
 
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "w4a4_int8.h"
-#include "w4a4_s4.cuh"
-#include "w4a4_nvfp4.cuh"
-#include "w4a4_nvfp4_bs.cuh"
+#include "w4a4_sm90a.h"
 
 namespace svdq {
 
@@ -88,6 +90,9 @@ namespace svdq {
 template <typename T> struct Dtype;
 template <> struct Dtype<__nv_bfloat16> {
   static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ float2 to_float2(uint32_t pair) {  // .x = the lower address
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&pair));
+  }
   static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);  // .x = lo (lower address)
     return *reinterpret_cast<uint32_t*>(&h);
@@ -96,12 +101,71 @@ template <> struct Dtype<__nv_bfloat16> {
 };
 template <> struct Dtype<__half> {
   static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ float2 to_float2(uint32_t pair) {
+    return __half22float2(*reinterpret_cast<const __half2*>(&pair));
+  }
   static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
   }
   static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
 };
+
+// 4 (8) consecutive 16-bit values -> fp32, from one 8-byte (16-byte) load.
+template <typename T>
+__device__ __forceinline__ void load4_float(const T* __restrict__ p, float (&v)[4]) {
+  const uint2 raw = __ldg(reinterpret_cast<const uint2*>(p));
+  const float2 lo = Dtype<T>::to_float2(raw.x), hi = Dtype<T>::to_float2(raw.y);
+  v[0] = lo.x; v[1] = lo.y; v[2] = hi.x; v[3] = hi.y;
+}
+template <typename T>
+__device__ __forceinline__ void load8_float(const T* __restrict__ p, float* v) {
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = Dtype<T>::to_float2(w[i]);
+    v[2 * i] = f.x; v[2 * i + 1] = f.y;
+  }
+}
+
+// A lane's two words of one row's 64-chunk (the layout comment above). chunk = the row's 32 bytes;
+// kTail: runs at k >= k_limit are not read and are zero (only NVFP4 K, a multiple of 16, can end
+// inside a chunk; each access unit lies inside one 16-group, so a unit is all in range or all out).
+template <typename Layout, bool kTail = false>
+__device__ __forceinline__ uint2 load_words(const uint8_t* __restrict__ chunk, int tid, int k_limit = 64) {
+  auto in = [&](int j) { return !kTail || Layout::run_k(j, tid) < k_limit; };
+  if constexpr (Layout::kAdjacentRuns == 4) {
+    return in(0) ? __ldg(reinterpret_cast<const uint2*>(chunk + Layout::run_k(0, tid) / 2)) : make_uint2(0u, 0u);
+  } else if constexpr (Layout::kAdjacentRuns == 2) {
+    uint32_t w[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+      w[i] = in(2 * i) ? __ldg(reinterpret_cast<const uint32_t*>(chunk + Layout::run_k(2 * i, tid) / 2)) : 0u;
+    return make_uint2(w[0], w[1]);
+  } else {
+    uint32_t r[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      r[j] = in(j) ? __ldg(reinterpret_cast<const unsigned short*>(chunk + Layout::run_k(j, tid) / 2)) : 0u;
+    return make_uint2(r[0] | (r[1] << 16), r[2] | (r[3] << 16));
+  }
+}
+
+template <typename Layout>
+__device__ __forceinline__ void store_words(uint8_t* __restrict__ chunk, int tid, uint32_t w0, uint32_t w1) {
+  if constexpr (Layout::kAdjacentRuns == 4) {
+    *reinterpret_cast<uint2*>(chunk + Layout::run_k(0, tid) / 2) = make_uint2(w0, w1);
+  } else if constexpr (Layout::kAdjacentRuns == 2) {
+    *reinterpret_cast<uint32_t*>(chunk + Layout::run_k(0, tid) / 2) = w0;
+    *reinterpret_cast<uint32_t*>(chunk + Layout::run_k(2, tid) / 2) = w1;
+  } else {
+    const uint32_t r[4] = {w0 & 0xFFFFu, w0 >> 16, w1 & 0xFFFFu, w1 >> 16};
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      *reinterpret_cast<unsigned short*>(chunk + Layout::run_k(j, tid) / 2) = static_cast<unsigned short>(r[j]);
+  }
+}
 
 // 8 nibbles -> two registers of 4 int8 each (see the layout comment above).
 // Signed codes are two's-complement nibbles: a byte v in [0,15] with bit 3 set becomes v | 0xF0.
@@ -131,36 +195,76 @@ __device__ __forceinline__ void mma_s8_m16n8k32(int32_t (&d)[4], const uint32_t 
 #endif
 }
 
-// Where kernel A puts the 32 codes a lane packs per 16x64 group, for a layout L. For each of its two
-// rows (h = 0: row gid, h = 1: row gid+8) a lane holds four runs of 4 consecutive k; run j starts at
-// L::run_k(j, tid) within the group, and code b of run j goes to bits L::shift(j, b, h) of word
-// L::word(j, h) of the lane's uint4. This one is the interleaved layout described above.
-struct InterleavedNibbleLayout {
-  static __device__ __forceinline__ int run_k(int j, int tid) { return 16 * j + 4 * tid; }
-  static __device__ __forceinline__ int word(int j, int /*h*/) { return j; }
-  static __device__ __forceinline__ int shift(int /*j*/, int b, int h) { return 8 * b + 4 * h; }
+// Lane tid owns k 16tid .. 16tid+15 of every 64-chunk: the INT4 flavours' layout (this one and the
+// native s4 ones of w4a4_s4.cuh), one 8-byte access per row and chunk.
+struct Lane16Layout {
+  static constexpr int kAdjacentRuns = 4;
+  static __host__ __device__ __forceinline__ constexpr int run_k(int j, int tid) { return 16 * tid + 4 * j; }
 };
+
+// Kernel A for the sm_90a wgmma GEMM (w4a4_sm90a.cu): Lane16Layout's lanes and quantizer (the same codes
+// and scales), stored one E4M3 code byte per value in that GEMM's k order, scales in its token order
+// (store_e4m3_codes, e4m3_scale_slot).
+struct Lane16E4M3Layout : Lane16Layout {};
+template <typename Layout>
+constexpr bool kE4M3Bytes = std::is_same<Layout, Lane16E4M3Layout>::value;
+
+// A lane's two words of one row's 64-group (Lane16Layout: word v = k 16tid + 8v + i in nibble i) -> the
+// wgmma path's bytes. Code q is the E4M3 byte of q * 2^-9 (w4a4_sm90a.cu, top): q >= 0 -> q (unsigned
+// codes 0..15 too), signed q < 0 (nibble x >= 8) -> 0x80 | (16 - x) = (x ^ 0x8F) + 1, per byte without
+// carries. Position p = 32v + 16h + 4t + b of the row's 64 bytes holds k 16t + 8v + 2b + h: the even
+// nibbles of word v (h = 0) go to bytes 32v + 4tid .. +3, the odd ones to 32v + 16 + 4tid .. +3.
+template <bool kUnsigned>
+__device__ __forceinline__ void store_e4m3_codes(uint8_t* __restrict__ group_row, int tid, const uint32_t (&words)[2]) {
+#pragma unroll
+  for (int v = 0; v < 2; ++v) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t x = (words[v] >> (4 * h)) & 0x0F0F0F0Fu;
+      if (!kUnsigned) {
+        const uint32_t s = (x >> 3) & 0x01010101u;
+        x = (x ^ (s * 0x8Fu)) + s;
+      }
+      *reinterpret_cast<uint32_t*>(group_row + 32 * v + 16 * h + 4 * tid) = x;
+    }
+  }
+}
+
+// Where the wgmma path stores token `row`'s scales: inside each 16-token block, token 8h + 2t + e goes to
+// slot 4t + 2h + e (so a GEMM lane's four tokens 2tid + e, 8 + 2tid + e are one float4).
+__device__ __forceinline__ int e4m3_scale_slot(int row) {
+  const int i = row & 15, h = i >> 3, t = (i >> 1) & 3, e = i & 1;
+  return (row & ~15) + 4 * t + 2 * h + e;
+}
+
+}  // namespace svdq
+
+#include "w4a4_s4.cuh"
+#include "w4a4_nvfp4.cuh"
+#include "w4a4_nvfp4_bs.cuh"
+
+namespace svdq {
 
 // The INT8 flavour: nibbles expanded to int8 registers, two k32 MMAs per group. Unsigned codes
 // [0, 15] are non-negative int8, so s8.s8 serves both activation kinds.
 struct MmaS8m16n8k32 {
-  using Layout = InterleavedNibbleLayout;
+  using Layout = Lane16Layout;
   static constexpr int kMinBlocksPerSm = 0;  // __launch_bounds__: 0 leaves the register budget to ptxas
   struct AFrag { uint32_t k32[2][4]; };  // the A registers of the group's two k32 MMAs
   struct BFrag { uint32_t k32[2][2]; };  // b0, b1 of each
   template <bool kActUnsigned>
-  static __device__ __forceinline__ AFrag a_frag(uint4 w) {
+  static __device__ __forceinline__ AFrag a_frag(uint2 row0, uint2 row1) {  // rows gid, gid+8
     AFrag f;
-    unpack_nibbles_to_s8<kActUnsigned>(w.x, f.k32[0][0], f.k32[0][1]);
-    unpack_nibbles_to_s8<kActUnsigned>(w.y, f.k32[0][2], f.k32[0][3]);
-    unpack_nibbles_to_s8<kActUnsigned>(w.z, f.k32[1][0], f.k32[1][1]);
-    unpack_nibbles_to_s8<kActUnsigned>(w.w, f.k32[1][2], f.k32[1][3]);
+    unpack_nibbles_to_s8<kActUnsigned>(row0.x, f.k32[0][0], f.k32[0][2]);
+    unpack_nibbles_to_s8<kActUnsigned>(row1.x, f.k32[0][1], f.k32[0][3]);
+    unpack_nibbles_to_s8<kActUnsigned>(row0.y, f.k32[1][0], f.k32[1][2]);
+    unpack_nibbles_to_s8<kActUnsigned>(row1.y, f.k32[1][1], f.k32[1][3]);
     return f;
   }
-  static __device__ __forceinline__ BFrag b_frag(uint32_t w0, uint32_t w1) {  // weights are signed
+  static __device__ __forceinline__ BFrag b_frag(uint2 col) {  // weights are signed
     BFrag f;
-    unpack_nibbles_to_s8<false>(w0, f.k32[0][0], f.k32[0][1]);
-    unpack_nibbles_to_s8<false>(w1, f.k32[1][0], f.k32[1][1]);
+    unpack_nibbles_to_s8<false>(col.x, f.k32[0][0], f.k32[0][1]);
+    unpack_nibbles_to_s8<false>(col.y, f.k32[1][0], f.k32[1][1]);
     return f;
   }
   template <bool kActUnsigned>
@@ -173,14 +277,14 @@ struct MmaS8m16n8k32 {
 // Kernel A's quantizer for one 64-column chunk of a lane's two rows, shared with the MLP kernel
 // (w4a4_mlp.cuh). xs[h][j][b] is the smoothed value of row half h at k = Layout::run_k(j, tid) + b;
 // the 4 lanes of a gid hold the rows' chunk between them, so all 32 lanes must call it together.
-// Out: the lane's packed words, and per row half the scale of scale group tid.
+// Out: per row half the lane's two words (layout comment above), and the scale of scale group tid.
 template <bool kUnsigned, typename Layout>
-__device__ __forceinline__ void quantize_lane_chunk(const float (&xs)[2][4][4], int tid, uint32_t (&words)[4],
+__device__ __forceinline__ void quantize_lane_chunk(const float (&xs)[2][4][4], int tid, uint32_t (&words)[2][2],
                                                     float (&my_scale)[2]) {
   // Per step (INT4: the whole 64-group; NVFP4: 16-groups, see quant_steps in w4a4_nvfp4.cuh) and row
   // half: the scale of the lane's group, then the codes of its runs. One group at a time keeps few
   // values live.
-  words[0] = words[1] = words[2] = words[3] = 0u;
+  words[0][0] = words[0][1] = words[1][0] = words[1][1] = 0u;
   my_scale[0] = my_scale[1] = 0.f;  // the scale this lane stores per row half: scale group tid
 #pragma unroll
   for (int t = 0; t < quant_steps<Layout>(); ++t) {
@@ -228,7 +332,7 @@ __device__ __forceinline__ void quantize_lane_chunk(const float (&xs)[2][4][4], 
             }
             nibble = static_cast<uint32_t>(static_cast<int>(q)) & 0xFu;
           }
-          words[Layout::word(j, h)] |= nibble << Layout::shift(j, b, h);
+          words[h][j / 2] |= nibble << (16 * (j % 2) + 4 * b);
         }
       }
     }
@@ -241,10 +345,10 @@ __device__ __forceinline__ void quantize_lane_chunk(const float (&xs)[2][4][4], 
 // One block owns 16 rows (one m16 tile) and walks K in chunks of 8 groups (512 columns):
 //   phase 1  warp w quantizes group (chunk + w) of the 16 rows. Lane (gid, tid) loads exactly the
 //            32 values it must pack (rows gid and gid+8, k = Layout::run_k(j, tid) + b: the GEMM
-//            flavour's layout), so the packed word is built in registers and stored as one
-//            coalesced 16-byte write per lane. The 4 lanes
-//            sharing a gid hold one row's group between them: a 2-step shuffle gives the absmax.
-//            The raw x values also go to shared memory for phase 2.
+//            flavour's runs), so its words are built in registers and stored where the GEMM's lane
+//            of the same (gid, tid) loads them. The 4 lanes sharing a gid hold one row's group
+//            between them: a 2-step shuffle gives the absmax. The raw x values also go to shared
+//            memory for phase 2.
 //   phase 2  warp w computes the chunk's partial x . lora_down[r]^T for ranks r = w, w+8, ...:
 //            lanes split the chunk's columns, a butterfly shuffle sums each of the 16 rows, and
 //            lane m adds row m's partial to the block's fp32 accumulator in shared memory.
@@ -258,20 +362,23 @@ constexpr int kQuantChunkGroups = kQuantWarps;          // one group per warp pe
 constexpr int kQuantChunkK = kQuantChunkGroups * kGroup;  // 512 columns
 constexpr int kQuantSmemPad = 8;                          // elements; keeps rows 16-byte aligned
 
-template <typename InT, bool kUnsigned, typename Layout>
-__global__ void __launch_bounds__(kQuantThreads)
-quantize_act_lora_down_kernel(const InT* __restrict__ x, int64_t ldx, const float* __restrict__ smooth,
-                              const float* __restrict__ lora_down, int M, int K, int M_pad, int R, int R16,
-                              uint4* __restrict__ act_packed, float* __restrict__ act_scales,
+// Launch bounds: ptxas for sm_120 otherwise caps this kernel at 64 registers (4 blocks per SM, more
+// than its shared memory allows) and spills; 2 blocks per SM leave it 128.
+template <typename T, bool kUnsigned, typename Layout>
+__global__ void __launch_bounds__(kQuantThreads, 2)
+quantize_act_lora_down_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ smooth,
+                              const T* __restrict__ lora_down, int M, int K, int M_pad, int R, int R16,
+                              uint8_t* __restrict__ act_packed, float* __restrict__ act_scales,
                               float* __restrict__ lora_act) {
   extern __shared__ float lora_acc[];  // [R][16]: this block's x . lora_down^T, fp32
-  __shared__ __align__(16) InT x_raw[kQuantRows][kQuantChunkK + kQuantSmemPad];
+  __shared__ __align__(16) T x_raw[kQuantRows][kQuantChunkK + kQuantSmemPad];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int gid = lane / 4, tid = lane % 4;
-  const int mtile = blockIdx.x;
-  const int row_base = mtile * kQuantRows;
+  const int row_base = blockIdx.x * kQuantRows;
   const int G = (K + kGroup - 1) / kGroup;  // NVFP4: K is a multiple of 16; the last chunk is zero-padded
+  // Bytes per token: two codes per byte, or one E4M3 byte per code (the wgmma path).
+  const int64_t act_row_bytes = static_cast<int64_t>(G) * (kE4M3Bytes<Layout> ? kGroup : kGroup / 2);
   constexpr int kScaleGroups = ScaleGroupsOf<Layout>::value;  // per 64 columns: 1 (INT4) or 4 (NVFP4)
 
   for (int i = threadIdx.x; i < R * kQuantRows; i += kQuantThreads) lora_acc[i] = 0.f;
@@ -292,33 +399,38 @@ quantize_act_lora_down_kernel(const InT* __restrict__ x, int64_t ldx, const floa
       for (int j = 0; j < 4; ++j) {
         const int k = g * kGroup + Layout::run_k(j, tid);
         const bool k_valid = k < K;  // a run of 4 never straddles K (a multiple of 16)
-        const float4 sm = k_valid ? *reinterpret_cast<const float4*>(smooth + k) : make_float4(1.f, 1.f, 1.f, 1.f);
-        const float smv[4] = {sm.x, sm.y, sm.z, sm.w};
+        float smv[4] = {1.f, 1.f, 1.f, 1.f};
+        if (k_valid) load4_float(smooth + k, smv);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          uint2 raw = make_uint2(0u, 0u);  // 4 values of InT (2 bytes each)
+          uint2 raw = make_uint2(0u, 0u);  // 4 values of T (2 bytes each)
           if (row_valid[h] && k_valid) raw = __ldg(reinterpret_cast<const uint2*>(x + rows[h] * ldx + k));
           *reinterpret_cast<uint2*>(&x_raw[gid + 8 * h][warp * kGroup + Layout::run_k(j, tid)]) = raw;
-          const InT* v = reinterpret_cast<const InT*>(&raw);
+          const T* v = reinterpret_cast<const T*>(&raw);
 #pragma unroll
           for (int b = 0; b < 4; ++b) {
             // Spec (numerics.smooth_input): fp32 add of the shift, then IEEE fp32 division.
-            float xf = Dtype<InT>::to_float(v[b]);
+            float xf = Dtype<T>::to_float(v[b]);
             if (kUnsigned) xf = __fadd_rn(xf, 0.171875f);
             xs[h][j][b] = row_valid[h] ? __fdiv_rn(xf, smv[b]) : 0.f;
           }
         }
       }
 
-      uint32_t words[4];
+      uint32_t words[2][2];
       float my_scale[2];
       quantize_lane_chunk<kUnsigned, Layout>(xs, tid, words, my_scale);
-      act_packed[(static_cast<int64_t>(mtile) * G + g) * 32 + lane] = make_uint4(words[0], words[1], words[2], words[3]);
-      // Every lane of a row computed all its scales; lane tid stores scale group tid.
-      if (tid < kScaleGroups) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-          act_scales[(static_cast<int64_t>(g) * kScaleGroups + tid) * M_pad + rows[h]] = my_scale[h];
+      for (int h = 0; h < 2; ++h) {
+        if constexpr (kE4M3Bytes<Layout>) {
+          store_e4m3_codes<kUnsigned>(act_packed + rows[h] * act_row_bytes + g * kGroup, tid, words[h]);
+          if (tid == 0) act_scales[static_cast<int64_t>(g) * M_pad + e4m3_scale_slot(rows[h])] = my_scale[h];
+        } else {
+          store_words<Layout>(act_packed + rows[h] * act_row_bytes + g * (kGroup / 2), tid, words[h][0], words[h][1]);
+          // Every lane of a row computed all its scales; lane tid stores scale group tid.
+          if (tid < kScaleGroups)
+            act_scales[(static_cast<int64_t>(g) * kScaleGroups + tid) * M_pad + rows[h]] = my_scale[h];
+        }
       }
     }
     __syncthreads();  // x_raw complete
@@ -333,10 +445,7 @@ quantize_act_lora_down_kernel(const InT* __restrict__ x, int64_t ldx, const floa
       for (int half = 0; half < 2; ++half) {
         const int c = half * 256 + lane * 8;
         if (c < chunk_k) {
-          const float4* src = reinterpret_cast<const float4*>(lora_down + static_cast<int64_t>(r) * K + g0 * kGroup + c);
-          const float4 d0 = __ldg(src), d1 = __ldg(src + 1);
-          d[half][0] = d0.x; d[half][1] = d0.y; d[half][2] = d0.z; d[half][3] = d0.w;
-          d[half][4] = d1.x; d[half][5] = d1.y; d[half][6] = d1.z; d[half][7] = d1.w;
+          load8_float(lora_down + static_cast<int64_t>(r) * K + g0 * kGroup + c, d[half]);
         } else {
 #pragma unroll
           for (int e = 0; e < 8; ++e) d[half][e] = 0.f;
@@ -351,9 +460,9 @@ quantize_act_lora_down_kernel(const InT* __restrict__ x, int64_t ldx, const floa
           const int c = half * 256 + lane * 8;
           if (c < chunk_k) {
             const uint4 raw = *reinterpret_cast<const uint4*>(&x_raw[m][c]);
-            const InT* v = reinterpret_cast<const InT*>(&raw);
+            const T* v = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-            for (int e = 0; e < 8; ++e) p = fmaf(Dtype<InT>::to_float(v[e]), d[half][e], p);
+            for (int e = 0; e < 8; ++e) p = fmaf(Dtype<T>::to_float(v[e]), d[half][e], p);
           }
         }
 #pragma unroll
@@ -375,11 +484,12 @@ quantize_act_lora_down_kernel(const InT* __restrict__ x, int64_t ldx, const floa
 // Kernel B: W4A4 GEMM, integer tensor cores (flavour Mma), fused epilogue.
 //
 // Block tile 128 x 128, 8 warps as 4 (rows) x 2 (cols); warp tile 32 x 64 = 2 x 8 mma tiles.
-// Per 64-group every warp loads its fragments straight from global memory (the packed layouts make
-// each a 16-byte coalesced load; warps sharing a row/col band hit L1), double-buffered in registers:
-// group g+1 is in flight while group g is multiplied. Per group and 16x8 tile: the flavour's MMA
-// chain over the 64 k (INT8: two k32 MMAs; s4: one k64, or four m8n8k32 on Turing) into a zeroed
-// int32 accumulator (exact), then acc += (float(sum) * sx) * sw in fp32, the spec's order.
+// Per 64-group every lane loads its words straight from global memory (per row and chunk: one 8-byte
+// access for the INT4 flavours; a quad of lanes reads a row's whole 32-byte chunk, so every sector
+// is used; warps sharing a row/col band hit L1), double-buffered in registers: group g+1 is in
+// flight while group g is multiplied. Per group and 16x8 tile: the flavour's MMA chain over the 64 k
+// (INT8: two k32 MMAs; s4: one k64, or four m8n8k32 on Turing) into a zeroed int32 accumulator
+// (exact), then acc += (float(sum) * sx) * sw in fp32, the spec's order.
 // Epilogue: acc += lora_act . lora_up^T (fp32, staged through shared memory 16 ranks at a time),
 // + bias, one rounding to the output dtype, guarded stores (rows < M, cols < N).
 // ================================================================================================
@@ -403,25 +513,58 @@ struct GemmLane {
         warp_row(block_row + warp_m * kWarpM), warp_col(block_col + warp_n * kWarpN) {}
 };
 
+// The weight scales of columns col, col + 1 (col even and < N) in scale row sg, as fp32: T (INT4) or
+// E4M3 (NVFP4) values of the file's [K/group, N].
+template <typename T, typename Mma>
+__device__ __forceinline__ float2 load_wscale_pair(const void* __restrict__ wscales, int64_t idx) {
+  if constexpr (kE2M1Codes<Mma>) {
+    const __nv_fp8x2_storage_t raw = __ldg(reinterpret_cast<const unsigned short*>(wscales) + idx / 2);
+    return __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(raw, __NV_E4M3)));
+  } else {
+    return Dtype<T>::to_float2(__ldg(reinterpret_cast<const uint32_t*>(static_cast<const T*>(wscales) + idx)));
+  }
+}
+
+// One 64-chunk's words of the lane: activations a[i][h] (m16 tile i, rows gid + 8h) and weights b[j]
+// (n8 tile j, weight row b_row[j]).
+template <typename Mma>
+__device__ __forceinline__ void load_chunk(const GemmArgs& p, const uint8_t* a_src, int64_t act_row_bytes,
+                                           const int (&b_row)[kWarpTilesN], int g, int tid,
+                                           uint2 (&a)[kWarpTilesM][2], uint2 (&b)[kWarpTilesN]) {
+  using Layout = typename Mma::Layout;
+#pragma unroll
+  for (int i = 0; i < kWarpTilesM; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      a[i][h] = load_words<Layout>(a_src + (16 * i + 8 * h) * act_row_bytes + g * (kGroup / 2), tid);
+  const int64_t w_row_bytes = p.K / 2;
+#pragma unroll
+  for (int j = 0; j < kWarpTilesN; ++j) {
+    const uint8_t* chunk = p.qweight + b_row[j] * w_row_bytes + g * (kGroup / 2);
+    if constexpr (kE2M1Codes<Mma>)  // NVFP4 K is a multiple of 16: the last chunk may end early
+      b[j] = load_words<Layout, true>(chunk, tid, p.K - g * kGroup);
+    else
+      b[j] = load_words<Layout>(chunk, tid);
+  }
+}
+
 // The block's fp32 results before the bias, in the lanes' accumulators (GemmLane): the quantized
 // branch, NVFP4's factors, the low-rank branch. Shared by w4a4_gemm_kernel and the MLP's fc1 kernel
 // (w4a4_mlp.cuh), which differ only in what their epilogue does with it.
-template <bool kActUnsigned, typename Mma>
-__device__ __forceinline__ void w4a4_block_acc(const uint4* __restrict__ act_packed, const float* __restrict__ act_scales,
-                                               const float* __restrict__ lora_act, const uint4* __restrict__ wgt_packed,
-                                               const float* __restrict__ wgt_scales, const float* __restrict__ lora_up,
-                                               int M_pad, int N_pad, int G, int R16, float alpha,
-                                               const float* __restrict__ channel_scale,
-                                               float (&acc)[kWarpTilesM][kWarpTilesN][4]) {
+template <typename T, bool kActUnsigned, typename Mma>
+__device__ __forceinline__ void w4a4_block_acc(const GemmArgs& p, float (&acc)[kWarpTilesM][kWarpTilesN][4]) {
   constexpr int kScaleGroups = ScaleGroupsOf<Mma>::value;  // per 64-k chunk: 1 (INT4) or 4 (NVFP4)
   const GemmLane t;
-  const int lane = t.lane, gid = t.gid, tid = t.tid, warp_m = t.warp_m, warp_n = t.warp_n;
+  const int gid = t.gid, tid = t.tid, warp_m = t.warp_m, warp_n = t.warp_n;
   const int block_row = t.block_row, block_col = t.block_col, warp_row = t.warp_row, warp_col = t.warp_col;
+  const int G = p.G, N = p.N, M_pad = p.M_pad;
+  const int scale_rows = p.K / (kGroup / kScaleGroups);  // rows of wscales (NVFP4: K/16 <= 4G)
 
-  // Per-lane streams, advanced by 32 uint4 per group.
-  const uint4* a_src = act_packed + (static_cast<int64_t>(warp_row / 16) * G) * 32 + lane;
-  const uint4* b_src = wgt_packed + (static_cast<int64_t>(warp_col / 16) * G) * 32 + lane;
-  const int64_t a_tile_stride = static_cast<int64_t>(G) * 32;  // next m16 tile / next n16 pair
+  const int64_t act_row_bytes = static_cast<int64_t>(G) * (kGroup / 2);
+  const uint8_t* a_src = p.act_packed + (warp_row + gid) * act_row_bytes;
+  int b_row[kWarpTilesN];  // weight rows of the lane's n8 tiles; past N: row N-1, its outputs are dropped
+#pragma unroll
+  for (int j = 0; j < kWarpTilesN; ++j) b_row[j] = min(warp_col + 8 * j + gid, N - 1);
 
 #pragma unroll
   for (int i = 0; i < kWarpTilesM; ++i)
@@ -430,32 +573,22 @@ __device__ __forceinline__ void w4a4_block_acc(const uint4* __restrict__ act_pac
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
-  uint4 a_cur[kWarpTilesM], b_cur[kWarpTilesN / 2];
-#pragma unroll
-  for (int i = 0; i < kWarpTilesM; ++i) a_cur[i] = __ldg(a_src + i * a_tile_stride);
-#pragma unroll
-  for (int p = 0; p < kWarpTilesN / 2; ++p) b_cur[p] = __ldg(b_src + p * a_tile_stride);
+  uint2 a_cur[kWarpTilesM][2], b_cur[kWarpTilesN];
+  load_chunk<Mma>(p, a_src, act_row_bytes, b_row, 0, tid, a_cur, b_cur);
 
   for (int g = 0; g < G; ++g) {
     // Prefetch group g+1 (the last iteration re-reads group g: harmless, and branch-free).
-    const int g_next = min(g + 1, G - 1);
-    uint4 a_next[kWarpTilesM], b_next[kWarpTilesN / 2];
-#pragma unroll
-    for (int i = 0; i < kWarpTilesM; ++i) a_next[i] = __ldg(a_src + i * a_tile_stride + g_next * 32);
-#pragma unroll
-    for (int p = 0; p < kWarpTilesN / 2; ++p) b_next[p] = __ldg(b_src + p * a_tile_stride + g_next * 32);
+    uint2 a_next[kWarpTilesM][2], b_next[kWarpTilesN];
+    load_chunk<Mma>(p, a_src, act_row_bytes, b_row, min(g + 1, G - 1), tid, a_next, b_next);
 
-    // The packed words as the flavour's fragment registers (INT8: nibbles expanded to bytes), once
-    // per group and tile, outside the i x j MMA loop. A pair's words 0,1 belong to its first n8 tile.
+    // The words as the flavour's fragment registers (INT8: nibbles expanded to bytes), once per group
+    // and tile, outside the i x j MMA loop.
     typename Mma::AFrag a_frag[kWarpTilesM];
 #pragma unroll
-    for (int i = 0; i < kWarpTilesM; ++i) a_frag[i] = Mma::template a_frag<kActUnsigned>(a_cur[i]);
+    for (int i = 0; i < kWarpTilesM; ++i) a_frag[i] = Mma::template a_frag<kActUnsigned>(a_cur[i][0], a_cur[i][1]);
     typename Mma::BFrag b_frag[kWarpTilesN];
 #pragma unroll
-    for (int p = 0; p < kWarpTilesN / 2; ++p) {
-      b_frag[2 * p] = Mma::b_frag(b_cur[p].x, b_cur[p].y);
-      b_frag[2 * p + 1] = Mma::b_frag(b_cur[p].z, b_cur[p].w);
-    }
+    for (int j = 0; j < kWarpTilesN; ++j) b_frag[j] = Mma::b_frag(b_cur[j]);
 
     if constexpr (kBlockScaled<Mma>) {
       // sm_120 NVFP4: per m16 tile the scale register of row gid + 8(tid%2), per n8 tile that of
@@ -465,10 +598,11 @@ __device__ __forceinline__ void w4a4_block_acc(const uint4* __restrict__ act_pac
       uint32_t sfa[kWarpTilesM], sfb[kWarpTilesN];
 #pragma unroll
       for (int i = 0; i < kWarpTilesM; ++i)
-        sfa[i] = Mma::scale_reg(act_scales + sg * M_pad + warp_row + i * 16 + gid + 8 * (tid & 1), M_pad);
+        sfa[i] = Mma::act_scale_reg(p.act_scales + sg * M_pad + warp_row + i * 16 + gid + 8 * (tid & 1), M_pad);
 #pragma unroll
       for (int j = 0; j < kWarpTilesN; ++j)
-        sfb[j] = Mma::scale_reg(wgt_scales + sg * N_pad + warp_col + j * 8 + gid, N_pad);
+        sfb[j] = Mma::wgt_scale_reg(static_cast<const uint8_t*>(p.wscales) + sg * N + b_row[j], N,
+                                    scale_rows - static_cast<int>(sg));
 #pragma unroll
       for (int i = 0; i < kWarpTilesM; ++i)
 #pragma unroll
@@ -476,18 +610,23 @@ __device__ __forceinline__ void w4a4_block_acc(const uint4* __restrict__ act_pac
     } else {
       // Per scale group (INT4: the 64-group; NVFP4: each of its four 16-groups): its scales, sx for the
       // lane's 4 rows and sw for its 16 columns, then per 16x8 tile its exact integer dot product.
-#pragma unroll
+      // Not unrolled: NVFP4's four groups unrolled would hoist all their scales and spill.
+#pragma unroll 1
       for (int s = 0; s < kScaleGroups; ++s) {
         const int64_t sg = static_cast<int64_t>(g) * kScaleGroups + s;
         float sx[kWarpTilesM][2];
 #pragma unroll
         for (int i = 0; i < kWarpTilesM; ++i)
 #pragma unroll
-          for (int h = 0; h < 2; ++h) sx[i][h] = __ldg(act_scales + sg * M_pad + warp_row + i * 16 + gid + 8 * h);
+          for (int h = 0; h < 2; ++h) sx[i][h] = __ldg(p.act_scales + sg * M_pad + warp_row + i * 16 + gid + 8 * h);
+        // NVFP4 K may end inside the chunk: scale rows past it read the last one, times zero codes.
+        const int64_t sw_row = kE2M1Codes<Mma> ? min(sg, static_cast<int64_t>(scale_rows - 1)) : sg;
         float2 sw[kWarpTilesN];
 #pragma unroll
-        for (int j = 0; j < kWarpTilesN; ++j)
-          sw[j] = __ldg(reinterpret_cast<const float2*>(wgt_scales + sg * N_pad + warp_col + j * 8 + tid * 2));
+        for (int j = 0; j < kWarpTilesN; ++j) {
+          const int col = min(warp_col + j * 8 + tid * 2, N - 2);  // N is even; columns past N are dropped
+          sw[j] = load_wscale_pair<T, Mma>(p.wscales, sw_row * N + col);
+        }
 #pragma unroll
         for (int i = 0; i < kWarpTilesM; ++i) {
 #pragma unroll
@@ -504,19 +643,24 @@ __device__ __forceinline__ void w4a4_block_acc(const uint4* __restrict__ act_pac
     }
 
 #pragma unroll
-    for (int i = 0; i < kWarpTilesM; ++i) a_cur[i] = a_next[i];
+    for (int i = 0; i < kWarpTilesM; ++i) {
+      a_cur[i][0] = a_next[i][0];
+      a_cur[i][1] = a_next[i][1];
+    }
 #pragma unroll
-    for (int p = 0; p < kWarpTilesN / 2; ++p) b_cur[p] = b_next[p];
+    for (int j = 0; j < kWarpTilesN; ++j) b_cur[j] = b_next[j];
   }
 
   // NVFP4: the per-tensor and per-channel factors on the quantized branch's sum, in the spec's order
   // (acc * (wtscale / 4) * wcscales[n]). The block-scaled MMA sums E2M1 values, not twice them: its
   // sum is times 4 (exact) first, folded into alpha (4 * alpha is exact too, so the product is the same).
   if constexpr (kE2M1Codes<Mma>) {
+    float alpha = __ldg(p.wtscale) * 0.25f;
     if constexpr (kBlockScaled<Mma>) alpha *= 4.f;
 #pragma unroll
     for (int j = 0; j < kWarpTilesN; ++j) {
-      const float2 cs = __ldg(reinterpret_cast<const float2*>(channel_scale + warp_col + j * 8 + tid * 2));
+      const int col = min(warp_col + j * 8 + tid * 2, N - 2);
+      const float2 cs = __ldg(reinterpret_cast<const float2*>(p.wcscales + col));
 #pragma unroll
       for (int i = 0; i < kWarpTilesM; ++i) {
         acc[i][j][0] = (acc[i][j][0] * alpha) * cs.x;
@@ -528,19 +672,21 @@ __device__ __forceinline__ void w4a4_block_acc(const uint4* __restrict__ act_pac
   }
 
   // ---------------- epilogue 1: low-rank branch, fp32
-  if (R16 > 0) {
+  if (p.R16 > 0) {
     // [rank][row] and [rank][col]: a lane reads 4 rows (gid varies: 8 banks) and 8 float2 columns.
     __shared__ __align__(16) float la_s[kLoraChunk][kGemmBlockM + 4];
     __shared__ __align__(16) float up_s[kLoraChunk][kGemmBlockN + 4];
-    for (int r0 = 0; r0 < R16; r0 += kLoraChunk) {
+    const T* lora_up = static_cast<const T*>(p.lora_up);
+    for (int r0 = 0; r0 < p.R16; r0 += kLoraChunk) {
       __syncthreads();
       for (int e = threadIdx.x; e < kLoraChunk * kGemmBlockM; e += kGemmThreads) {
         const int row = e / kLoraChunk, r = e % kLoraChunk;
-        la_s[r][row] = __ldg(lora_act + static_cast<int64_t>(block_row + row) * R16 + r0 + r);
+        la_s[r][row] = __ldg(p.lora_act + static_cast<int64_t>(block_row + row) * p.R16 + r0 + r);
       }
       for (int e = threadIdx.x; e < kLoraChunk * kGemmBlockN; e += kGemmThreads) {
         const int col = e / kLoraChunk, r = e % kLoraChunk;
-        up_s[r][col] = __ldg(lora_up + static_cast<int64_t>(block_col + col) * R16 + r0 + r);
+        const int n = block_col + col, rank = r0 + r;  // the file's [N, R]: zero past either
+        up_s[r][col] = (n < N && rank < p.R) ? Dtype<T>::to_float(lora_up[static_cast<int64_t>(n) * p.R + rank]) : 0.f;
       }
       __syncthreads();
 #pragma unroll 4
@@ -564,42 +710,37 @@ __device__ __forceinline__ void w4a4_block_acc(const uint4* __restrict__ act_pac
       }
     }
   }
-
 }
 
-template <typename OutT, bool kActUnsigned, typename Mma>
-__global__ void __launch_bounds__(kGemmThreads, Mma::kMinBlocksPerSm)
-w4a4_gemm_kernel(const uint4* __restrict__ act_packed, const float* __restrict__ act_scales,
-                 const float* __restrict__ lora_act, const uint4* __restrict__ wgt_packed,
-                 const float* __restrict__ wgt_scales, const float* __restrict__ lora_up,
-                 const float* __restrict__ bias, OutT* __restrict__ out, int M, int N, int M_pad, int N_pad,
-                 int G, int R16, float alpha, const float* __restrict__ channel_scale) {
-  float acc[kWarpTilesM][kWarpTilesN][4];
-  w4a4_block_acc<kActUnsigned, Mma>(act_packed, act_scales, lora_act, wgt_packed, wgt_scales, lora_up, M_pad, N_pad,
-                                    G, R16, alpha, channel_scale, acc);
-  const GemmLane t;
-  const int gid = t.gid, tid = t.tid, warp_row = t.warp_row, warp_col = t.warp_col;
+// The bias of columns col, col + 1 (col even, < N), fp32; zeros for a layer without one.
+template <typename T>
+__device__ __forceinline__ float2 load_bias_pair(const void* bias, int col) {
+  if (bias == nullptr) return make_float2(0.f, 0.f);
+  return Dtype<T>::to_float2(__ldg(reinterpret_cast<const uint32_t*>(static_cast<const T*>(bias) + col)));
+}
 
-  // ---------------- epilogue 2: bias, one rounding, guarded stores
-  const bool pair_aligned = (N % 2) == 0;  // then (row*N + even col) is even: 4-byte stores
+template <typename T, bool kActUnsigned, typename Mma>
+__global__ void __launch_bounds__(kGemmThreads, Mma::kMinBlocksPerSm)
+w4a4_gemm_kernel(const GemmArgs p) {
+  float acc[kWarpTilesM][kWarpTilesN][4];
+  w4a4_block_acc<T, kActUnsigned, Mma>(p, acc);
+  const GemmLane t;
+  T* out = static_cast<T*>(p.out);
+
+  // ---------------- epilogue 2: bias, one rounding, guarded stores (N is even: a pair is in or out)
 #pragma unroll
   for (int j = 0; j < kWarpTilesN; ++j) {
-    const int col = warp_col + j * 8 + tid * 2;
-    const float2 bv = *reinterpret_cast<const float2*>(bias + col);  // bias padded to N_pad
+    const int col = t.warp_col + j * 8 + t.tid * 2;
+    if (col >= p.N) continue;
+    const float2 bv = load_bias_pair<T>(p.bias, col);
 #pragma unroll
     for (int i = 0; i < kWarpTilesM; ++i) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int row = warp_row + i * 16 + gid + 8 * h;
-        if (row >= M) continue;
-        const float v0 = acc[i][j][2 * h] + bv.x, v1 = acc[i][j][2 * h + 1] + bv.y;
-        OutT* dst = out + static_cast<int64_t>(row) * N + col;
-        if (pair_aligned && col + 1 < N) {
-          *reinterpret_cast<uint32_t*>(dst) = Dtype<OutT>::pack2(v0, v1);
-        } else {
-          if (col < N) dst[0] = Dtype<OutT>::from_float(v0);
-          if (col + 1 < N) dst[1] = Dtype<OutT>::from_float(v1);
-        }
+        const int row = t.warp_row + i * 16 + t.gid + 8 * h;
+        if (row >= p.M) continue;
+        *reinterpret_cast<uint32_t*>(out + static_cast<int64_t>(row) * p.N + col) =
+            Dtype<T>::pack2(acc[i][j][2 * h] + bv.x, acc[i][j][2 * h + 1] + bv.y);
       }
     }
   }
@@ -643,15 +784,15 @@ static cudaError_t launch_quantize_typed(const QuantizeArgs& a, cudaStream_t str
     if (e != cudaSuccess) return e;
   }
   kernel<<<a.M_pad / kQuantRows, kQuantThreads, dyn_smem, stream>>>(
-      static_cast<const T*>(a.x), a.ldx, a.smooth, a.lora_down, a.M, a.K, a.M_pad, a.R, a.R16,
-      static_cast<uint4*>(a.act_packed), a.act_scales, a.lora_act);
+      static_cast<const T*>(a.x), a.ldx, static_cast<const T*>(a.smooth), static_cast<const T*>(a.lora_down), a.M,
+      a.K, a.M_pad, a.R, a.R16, a.act_packed, a.act_scales, a.lora_act);
   return cudaGetLastError();
 }
 
 cudaError_t launch_quantize_act_lora_down(const QuantizeArgs& a, bool input_is_bf16, bool act_unsigned, MmaPath path,
                                           cudaStream_t stream) {
   return with_mma_flavour(path, [&](auto mma) {
-    using Layout = typename decltype(mma)::Layout;  // both s4 flavours share one instantiation
+    using Layout = typename decltype(mma)::Layout;  // the three INT4 flavours share one instantiation
     if (input_is_bf16)
       return act_unsigned ? launch_quantize_typed<__nv_bfloat16, true, Layout>(a, stream)
                           : launch_quantize_typed<__nv_bfloat16, false, Layout>(a, stream);
@@ -660,21 +801,30 @@ cudaError_t launch_quantize_act_lora_down(const QuantizeArgs& a, bool input_is_b
   });
 }
 
+cudaError_t launch_quantize_act_e4m3(const QuantizeArgs& a, bool input_is_bf16, bool act_unsigned,
+                                     cudaStream_t stream) {
+  if (a.K % kGroup) return cudaErrorInvalidValue;
+  if (input_is_bf16)
+    return act_unsigned ? launch_quantize_typed<__nv_bfloat16, true, Lane16E4M3Layout>(a, stream)
+                        : launch_quantize_typed<__nv_bfloat16, false, Lane16E4M3Layout>(a, stream);
+  return act_unsigned ? launch_quantize_typed<__half, true, Lane16E4M3Layout>(a, stream)
+                      : launch_quantize_typed<__half, false, Lane16E4M3Layout>(a, stream);
+}
+
+static dim3 gemm_grid(const GemmArgs& a) {
+  return dim3((a.N + kGemmBlockN - 1) / kGemmBlockN, a.M_pad / kGemmBlockM);
+}
+
 template <typename T, bool U, typename Mma>
 static cudaError_t launch_gemm_typed(const GemmArgs& a, cudaStream_t stream) {
-  const dim3 grid(a.N_pad / kGemmBlockN, a.M_pad / kGemmBlockM);
-  w4a4_gemm_kernel<T, U && !kE2M1Codes<Mma>, Mma><<<grid, kGemmThreads, 0, stream>>>(  // as above
-      static_cast<const uint4*>(a.act_packed), a.act_scales, a.lora_act, static_cast<const uint4*>(a.wgt_packed),
-      a.wgt_scales, a.lora_up, a.bias, static_cast<T*>(a.out), a.M, a.N, a.M_pad, a.N_pad, a.G, a.R16, a.alpha,
-      a.channel_scale);
+  w4a4_gemm_kernel<T, U && !kE2M1Codes<Mma>, Mma><<<gemm_grid(a), kGemmThreads, 0, stream>>>(a);  // as above
   return cudaGetLastError();
 }
 
-cudaError_t launch_w4a4_gemm(const GemmArgs& a, bool output_is_bf16, bool act_unsigned, MmaPath path,
-                             cudaStream_t stream) {
+cudaError_t launch_w4a4_gemm(const GemmArgs& a, bool is_bf16, bool act_unsigned, MmaPath path, cudaStream_t stream) {
   return with_mma_flavour(path, [&](auto mma) {
     using Mma = decltype(mma);
-    if (output_is_bf16)
+    if (is_bf16)
       return act_unsigned ? launch_gemm_typed<__nv_bfloat16, true, Mma>(a, stream)
                           : launch_gemm_typed<__nv_bfloat16, false, Mma>(a, stream);
     return act_unsigned ? launch_gemm_typed<__half, true, Mma>(a, stream)

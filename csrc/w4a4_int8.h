@@ -6,48 +6,49 @@
 
 namespace svdq {
 
-constexpr int kGroup = 64;        // INT4 group size along K
-constexpr int kGemmBlockM = 128;  // GEMM block tile; M_pad and N_pad are multiples of these
+constexpr int kGroup = 64;        // INT4 group size along K; the kernels' K step
+constexpr int kGemmBlockM = 128;  // GEMM block tile; M_pad is a multiple of kGemmBlockM
 constexpr int kGemmBlockN = 128;
 
-// Which integer MMA the GEMM multiplies with; also fixes the packed layout of the codes (kernel A's
-// output and the repacked weights). The bindings (w4a4_ops.cpp) name them by their instruction.
+// Which integer MMA the GEMM multiplies with; also fixes which k of a 64-chunk each lane owns (kernel
+// A and the GEMM must be given the same one). The bindings (w4a4_ops.cpp) name them by their instruction.
 enum class MmaPath : int {
-  kS8m16n8k32 = 0,  // nibbles expanded to int8, interleaved layout: sm_90, sm_120 (s4 is emulated there)
-  kS4m16n8k64 = 1,  // native s4, native layout: sm_80, sm_86, sm_89
-  kS4m8n8k32 = 2,   // native s4, native layout: sm_75
+  kS8m16n8k32 = 0,  // nibbles expanded to int8: sm_90, sm_120 (s4 is emulated there)
+  kS4m16n8k64 = 1,  // native s4: sm_80, sm_86, sm_89
+  kS4m8n8k32 = 2,   // native s4: sm_75
   kE2M1S8m16n8k16 = 3,  // NVFP4 files: E2M1 codes x 2 decoded to int8, one k16 MMA per 16-group: sm_80+
-  kE2M1BlockScaledM16n8k64 = 4,  // NVFP4 files: the block-scaled FP4 MMA, native layout: sm_120 (sm_120a)
+  kE2M1BlockScaledM16n8k64 = 4,  // NVFP4 files: the block-scaled FP4 MMA: sm_120 (sm_120a)
 };
 
+// T below is the layer's 16-bit dtype (bf16 or fp16): x, the output and the layer's 16-bit tensors.
 struct QuantizeArgs {
-  const void* x;            // [M, K] bf16/fp16, row stride ldx elements (ldx % 4 == 0)
+  const void* x;            // T [M, K], row stride ldx elements (ldx % 4 == 0)
   int64_t ldx;
-  const float* smooth;      // [K]
-  const float* lora_down;   // [R, K]
+  const void* smooth;       // T [K]
+  const void* lora_down;    // T [R, K]
   int M, K, M_pad, R, R16;
-  void* act_packed;         // uint4 [M_pad/16][K/64][32]
-  float* act_scales;        // [K/64][M_pad]
+  uint8_t* act_packed;      // codes [M_pad, K64/2], two per byte, low nibble = even k (K64 = K rounded up to 64)
+  float* act_scales;        // [K64/group][M_pad]
   float* lora_act;          // [M_pad][R16]
 };
 
 struct GemmArgs {
-  const void* act_packed;   // as written by the quantize kernel
+  const uint8_t* act_packed;  // as written by the quantize kernel
   const float* act_scales;
   const float* lora_act;
-  const void* wgt_packed;   // uint4 [N_pad/16][K/64][32]
-  const float* wgt_scales;  // [K/64][N_pad]
-  const float* lora_up;     // [N_pad][R16]
-  const float* bias;        // [N_pad] (zeros where the layer has none)
-  void* out;                // [M, N] bf16/fp16, contiguous
-  int M, N, M_pad, N_pad, G, R16;
-  float alpha = 1.f;        // NVFP4: wtscale / 4, applied to the quantized branch's fp32 sum,
-  const float* channel_scale = nullptr;  // NVFP4: then times wcscales, fp32 [N_pad]
+  const uint8_t* qweight;   // the layer's qweight: codes [N, K/2], two per byte, low nibble = even k
+  const void* wscales;      // the layer's wscales [K/group][N]: T (INT4) or E4M3 bytes (NVFP4)
+  const void* lora_up;      // T [N][R]
+  const void* bias;         // T [N], or nullptr
+  const float* wtscale;     // NVFP4: the per-tensor scale (one fp32 on the device); INT4: nullptr
+  const float* wcscales;    // NVFP4: per-channel scales, fp32 [N]; INT4: nullptr
+  void* out;                // T [M, N], contiguous
+  int M, N, K, M_pad, G, R, R16;  // G = K64 / 64; N even
 };
 
 cudaError_t launch_quantize_act_lora_down(const QuantizeArgs& args, bool input_is_bf16, bool act_unsigned,
                                           MmaPath path, cudaStream_t stream);
-cudaError_t launch_w4a4_gemm(const GemmArgs& args, bool output_is_bf16, bool act_unsigned, MmaPath path,
+cudaError_t launch_w4a4_gemm(const GemmArgs& args, bool is_bf16, bool act_unsigned, MmaPath path,
                              cudaStream_t stream);
 // The largest rank the quantize kernel takes on `device` (its fp32 accumulator, 64 B per rank, shares
 // the block's opt-in shared memory with a 16.6 KB staging buffer): 764 on sm_75, 1324 on sm_86/89/120.

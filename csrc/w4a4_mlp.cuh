@@ -10,15 +10,15 @@
 //        it and rounded), so fc2 sees the same h as in F.gelu(fc1(x)); only tanhf may differ from
 //        torch's by its last bits. h goes to shared memory as 16-bit values (34 KB, dynamic).
 //     2. Each warp takes two (16-row tile, 64-column group) units of the tile: lanes load h at the
-//        positions fc2's fragment layout wants (Mma::Layout, as kernel A loads x), apply
+//        k their runs own (Mma::Layout, as kernel A loads x), apply
 //        numerics.smooth_input(h, smooth2, unsigned=True) (fp32 add of 0.171875, IEEE division) and
 //        run kernel A's quantizer (quantize_lane_chunk): codes and scales bit-identical to
 //        numerics.quantize_act_int4(..., unsigned=True) on this h, stored where fc2's GEMM reads them.
 //     3. The tile's part of lora_act2 = h . lora_down2^T: 2 threads per row, 8 ranks at a time,
 //        h from shared memory (16-byte reads; the row padding puts 8 consecutive rows in distinct
-//        banks), lora_down2 staged in shared memory 16 ranks x 128 columns at a time (one round
-//        trip to L2 per chunk instead of one per load; read by broadcast). Written to this column
-//        block's slice of a workspace.
+//        banks), lora_down2 staged in shared memory 16 ranks x 128 columns at a time as fp32 (one
+//        round trip to L2 per chunk instead of one per load; read by broadcast). Written to this
+//        column block's slice of a workspace.
 //   sum_lora_partials_kernel  lora_act2 = the sum of the column blocks' parts, in block order.
 //
 // Why a workspace and a second launch, not fp32 atomics: atomics would add the 96 parts (FLUX:
@@ -58,9 +58,7 @@ w4a4_mlp_fc1_kernel(const MlpFc1Args a) {
 
   const GemmArgs& f = a.fc1;
   float acc[kWarpTilesM][kWarpTilesN][4];
-  w4a4_block_acc<false, Mma>(static_cast<const uint4*>(f.act_packed), f.act_scales, f.lora_act,
-                             static_cast<const uint4*>(f.wgt_packed), f.wgt_scales, f.lora_up, f.M_pad, f.N_pad, f.G,
-                             f.R16, f.alpha, f.channel_scale, acc);
+  w4a4_block_acc<T, false, Mma>(f, acc);
   const GemmLane t;
   const int M = f.M, N1 = f.N, M_pad = f.M_pad;
   T* hidden_out = static_cast<T*>(a.hidden_out);
@@ -70,7 +68,7 @@ w4a4_mlp_fc1_kernel(const MlpFc1Args a) {
   for (int j = 0; j < kWarpTilesN; ++j) {
     const int lc = t.warp_n * kWarpN + j * 8 + t.tid * 2;  // column within the tile (an even pair)
     const int col = t.block_col + lc;
-    const float2 bv = *reinterpret_cast<const float2*>(f.bias + col);  // bias padded to N_pad
+    const float2 bv = col < N1 ? load_bias_pair<T>(f.bias, col) : make_float2(0.f, 0.f);
 #pragma unroll
     for (int i = 0; i < kWarpTilesM; ++i) {
 #pragma unroll
@@ -101,8 +99,8 @@ w4a4_mlp_fc1_kernel(const MlpFc1Args a) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int k = Layout::run_k(j, t.tid);
-      const float4 sm = __ldg(reinterpret_cast<const float4*>(a.smooth2 + g2 * kGroup + k));
-      const float smv[4] = {sm.x, sm.y, sm.z, sm.w};
+      float smv[4];
+      load4_float(static_cast<const T*>(a.smooth2) + g2 * kGroup + k, smv);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int lr = mt * 16 + t.gid + 8 * h;
@@ -114,14 +112,14 @@ w4a4_mlp_fc1_kernel(const MlpFc1Args a) {
           xs[h][j][b] = row_valid ? __fdiv_rn(__fadd_rn(Dtype<T>::to_float(v[b]), kUnsignedShift), smv[b]) : 0.f;
       }
     }
-    uint32_t words[4];
+    uint32_t words[2][2];
     float my_scale[2];
     quantize_lane_chunk<true, Layout>(xs, t.tid, words, my_scale);
-    const int64_t mtile = t.block_row / 16 + mt;
-    static_cast<uint4*>(a.act2_packed)[(mtile * G2 + g2) * 32 + t.lane] = make_uint4(words[0], words[1], words[2], words[3]);
-    if (t.tid == 0) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) a.act2_scales[static_cast<int64_t>(g2) * M_pad + mtile * 16 + t.gid + 8 * h] = my_scale[h];
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = t.block_row + mt * 16 + t.gid + 8 * h;
+      store_words<Layout>(a.act2_packed + row * (N1 / 2) + g2 * (kGroup / 2), t.tid, words[h][0], words[h][1]);
+      if (t.tid == 0) a.act2_scales[static_cast<int64_t>(g2) * M_pad + row] = my_scale[h];
     }
   }
 
@@ -138,10 +136,10 @@ w4a4_mlp_fc1_kernel(const MlpFc1Args a) {
       constexpr int kVecs = kGemmBlockN / 4;  // float4 per staged rank
       for (int e = threadIdx.x; e < kDownChunk * kVecs; e += kGemmThreads) {
         const int r = e / kVecs, c = 4 * (e % kVecs);
-        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);  // ranks past R2, columns past N1: zero
+        float v[4] = {0.f, 0.f, 0.f, 0.f};  // ranks past R2, columns past N1: zero
         if (r0 + r < a.R2 && c < cols)
-          v = __ldg(reinterpret_cast<const float4*>(a.lora_down2 + static_cast<int64_t>(r0 + r) * N1 + t.block_col + c));
-        *reinterpret_cast<float4*>(&d_s[r][c]) = v;
+          load4_float(static_cast<const T*>(a.lora_down2) + static_cast<int64_t>(r0 + r) * N1 + t.block_col + c, v);
+        *reinterpret_cast<float4*>(&d_s[r][c]) = make_float4(v[0], v[1], v[2], v[3]);
       }
       __syncthreads();
       float s[kLoraDownRanks];
@@ -185,7 +183,7 @@ static cudaError_t launch_mlp_fc1_typed(const MlpFc1Args& a, cudaStream_t stream
   // pass the 48 KB default; 59 KB fits every arch's opt-in (sm_75: 64 KB).
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMlpSmem);
   if (e != cudaSuccess) return e;
-  const dim3 grid(a.fc1.N_pad / kGemmBlockN, a.fc1.M_pad / kGemmBlockM);
+  const dim3 grid = gemm_grid(a.fc1);
   kernel<<<grid, kGemmThreads, kMlpSmem, stream>>>(a);
   e = cudaGetLastError();
   if (e != cudaSuccess || a.R2 == 0) return e;

@@ -8,14 +8,14 @@ namespace svdq {
 struct MlpFc1Args {
   GemmArgs fc1;             // fc1's operands as for launch_w4a4_gemm (signed INT4 input; out unused);
                             // fc1.N = the hidden width N1 = fc2's K, a multiple of 64
-  const float* smooth2;     // fc2's smooth, [N1]
-  const float* lora_down2;  // fc2's lora_down, [R2, N1]
+  const void* smooth2;      // fc2's smooth, T [N1]
+  const void* lora_down2;   // fc2's lora_down, T [R2, N1]
   int R2, R2_16;            // fc2's rank, and it rounded up to 16
-  void* act2_packed;        // fc2's input codes, uint4 [M_pad/16][N1/64][32] in the MMA path's layout
+  uint8_t* act2_packed;     // fc2's input codes [M_pad, N1/2], as kernel A writes them
   float* act2_scales;       // [N1/64][M_pad]
-  float* lora_partial;      // workspace [N_pad/128][M_pad][R2_16]: each column block's part of lora_act2
+  float* lora_partial;      // workspace [ceil(N1/128)][M_pad][R2_16]: each column block's part of lora_act2
   float* lora_act2;         // [M_pad][R2_16] = h . lora_down2^T
-  void* hidden_out;         // nullptr, or (tests) h [M, N1] in the activation dtype
+  void* hidden_out;         // nullptr, or (tests) h [M, N1] in T
 };
 
 // Two launches on `stream`: the fused GEMM, then the fixed-order sum of lora_partial (when R2 > 0).

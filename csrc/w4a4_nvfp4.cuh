@@ -5,19 +5,18 @@
 // Numerics (numerics.quantize_act_nvfp4 / reference.quantized_branch): E2M1 values times two are the
 // integers 0, ±1, ±2, ±3, ±4, ±6, ±8, ±12, exact in int8. Groups are 16 wide along K, so every
 // 16-group gets its own MMA, mma.sync m16n8k16 .s8 (one group's dot product, |sum| <= 16*12*12,
-// exact in int32), and its own rescale by the two FP8-E4M3 group scales (held as fp32, exact); the
+// exact in int32), and its own rescale by the two FP8-E4M3 group scales (converted to fp32, exact); the
 // kernel multiplies the fp32 sum by alpha = wtscale / 4 and then by wcscales[n] once at the end, as
 // the spec does.
 //
-// Layout: the interleaved INT8 layout of w4a4_int8.cu (same lanes, words and k runs), with the
-// nibbles of a word arranged for the decoder instead of interleaved:
-//   low  register (bits 0..15):  byte b = nibble b       (activations: row gid;   weights: b0 / first k16)
-//   high register (bits 16..31): byte b = nibble 4 + b   (activations: row gid+8; weights: b1 / second k16)
-// so that 16 bits of a word are the 4 byte selectors of one PRMT (see e2m1x4_to_s8x4).
-// In m16n8k16 .s8 terms (PTX "Matrix Fragments for mma.m16n8k16", integer types): A = {a0: row gid,
-// a1: row gid+8} at k tid*4 + b; B = {b0: col gid, k tid*4 + b}. Activation word j is k16 slice j's
-// A pair; weight word 2t + v holds slices 2v (low) and 2v+1 (high) of n8 tile t. K is zero-padded
-// to a multiple of 64 (codes 0, scales 0). Scales are [K64/16][M_pad] and [K64/16][N_pad], fp32.
+// Layout (E2M1Layout; the layout interface is in w4a4_int8.cu): run j of lane tid is k 16j + 4tid + 0..3,
+// i.e. in every 16-group s the lane owns k 16s + 4tid + b - what m16n8k16 .s8 wants (PTX "Matrix
+// Fragments for mma.m16n8k16", integer types): A = {a0: row gid, a1: row gid+8} at k tid*4 + b,
+// B = {b0: col gid, k tid*4 + b}. In memory a run is 2 bytes (byte 8s + 2tid of the row's 32-byte
+// chunk), so a lane's row is four 2-byte accesses; the 16 bits of a run are the 4 selectors of one PRMT
+// (e2m1x4_to_s8x4). K (a multiple of 16) ends inside a chunk when it is not a multiple of 64: the
+// GEMM does not read weight runs past K, and kernel A writes zero codes and scales there.
+// Activation scales are [K64/16][M_pad] fp32; weight scales are the file's E4M3 [K/16][N].
 #pragma once
 #include <cuda_fp8.h>
 #include <stdint.h>
@@ -26,12 +25,11 @@
 
 namespace svdq {
 
-// Kernel A's packing for NVFP4 codes (interface: InterleavedNibbleLayout in w4a4_int8.cu).
+// Kernel A's and the GEMM's runs for NVFP4 codes (the layout interface: w4a4_int8.cu).
 struct E2M1Layout {
   static constexpr int kScaleGroups = 4;  // 16-wide scale groups per 64-column chunk
-  static __device__ __forceinline__ int run_k(int j, int tid) { return 16 * j + 4 * tid; }
-  static __device__ __forceinline__ int word(int j, int /*h*/) { return j; }
-  static __device__ __forceinline__ int shift(int /*j*/, int b, int h) { return 4 * b + 16 * h; }
+  static constexpr int kAdjacentRuns = 1;
+  static __host__ __device__ __forceinline__ constexpr int run_k(int j, int tid) { return 16 * j + 4 * tid; }
   // Kernel A quantizes one 16-group per step: run j (all 4 lanes of a gid) is 16-group j.
   static constexpr int kQuantSteps = 4;
   static constexpr int kGroupLanes = 4;  // lanes of a gid holding one step's group of a row
@@ -123,31 +121,27 @@ __device__ __forceinline__ void mma_s8_m16n8k16(int32_t (&d)[4], const uint32_t 
 #endif
 }
 
-// The GEMM flavour: decoded int8 fragments, one k16 MMA and one rescale per 16-group.
+// The GEMM flavour: one k16 MMA and one rescale per 16-group. The fragments keep the words as loaded
+// and decode a 16-group's runs to int8 where its MMA needs them (decoding all four groups up front
+// holds twice the registers and spills).
 struct MmaE2M1S8m16n8k16 {
   using Layout = E2M1Layout;
   static constexpr int kScaleGroups = Layout::kScaleGroups;
   static constexpr int kMinBlocksPerSm = 0;  // __launch_bounds__: the register budget is ptxas's
-  struct AFrag { uint32_t k16[4][2]; };  // per 16-group: a0 (row gid), a1 (row gid+8)
-  struct BFrag { uint32_t k16[4]; };     // per 16-group: b0
+  struct AFrag { uint2 row[2]; };  // rows gid, gid+8
+  struct BFrag { uint2 col; };
   template <bool kActUnsigned>  // always false: E2M1 codes are signed
-  static __device__ __forceinline__ AFrag a_frag(uint4 w) {
-    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-    AFrag f;
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      f.k16[s][0] = e2m1x4_to_s8x4(words[s]);
-      f.k16[s][1] = e2m1x4_to_s8x4(words[s] >> 16);
-    }
-    return f;
-  }
-  static __device__ __forceinline__ BFrag b_frag(uint32_t w0, uint32_t w1) {
-    return BFrag{{e2m1x4_to_s8x4(w0), e2m1x4_to_s8x4(w0 >> 16), e2m1x4_to_s8x4(w1), e2m1x4_to_s8x4(w1 >> 16)}};
+  static __device__ __forceinline__ AFrag a_frag(uint2 row0, uint2 row1) { return AFrag{{row0, row1}}; }
+  static __device__ __forceinline__ BFrag b_frag(uint2 col) { return BFrag{col}; }
+  // Run s (= 16-group s) of a lane's row: the 16 bits of word s/2, as 4 int8 values 2 * e2m1.
+  static __device__ __forceinline__ uint32_t run_s8(uint2 w, int s) {
+    return e2m1x4_to_s8x4((s < 2 ? w.x : w.y) >> (16 * (s % 2)));
   }
   // sum = the exact int32 dot products of 16-group s of the chunk (sum must be zero on entry).
   template <bool kActUnsigned>
   static __device__ __forceinline__ void scale_group_dot(int32_t (&sum)[4], const AFrag& a, const BFrag& b, int s) {
-    mma_s8_m16n8k16(sum, a.k16[s], b.k16[s]);
+    const uint32_t a_s[2] = {run_s8(a.row[0], s), run_s8(a.row[1], s)};
+    mma_s8_m16n8k16(sum, a_s, run_s8(b.col, s));
   }
 };
 

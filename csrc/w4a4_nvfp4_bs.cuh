@@ -19,14 +19,14 @@
 // The codes are E2M1 values, not twice them as on the INT8 path, so the sum is 1/4 of that path's:
 // the kernel multiplies it by 4 (exact) before the spec's alpha = wtscale / 4 and wcscales[n].
 //
-// Layout: the native s4 layout of w4a4_s4.cuh (each packed word IS an m16n8k64 register, code e of
-// the register in bits 4e), holding E2M1 codes; the PTX ISA's m16n8k64 fragments for .e2m1 are those
-// of .s4/.u4 ("Matrix Fragments for mma.m16n8k64"):
+// Layout (E2M1NativeLayout): lane tid's runs are k 8tid + 0..7 and 32 + 8tid + 0..7 of each 64-chunk -
+// the MMA's own k, since the block scales belong to fixed 16-groups (tid/2 and 2 + tid/2). Its two words
+// (two 4-byte accesses per row and chunk) are the registers of the PTX ISA's m16n8k64 fragments for
+// .e2m1, which are those of .s4/.u4 ("Matrix Fragments for mma.m16n8k64"; NativeS4Fragments):
 //   A  a0: row gid, k 8tid+e     a1: row gid+8, k 8tid+e     a2, a3: the same rows at k 32+8tid+e
 //   B  b0: col gid, k 8tid+e     b1: col gid, k 32+8tid+e
 //   D  d0, d1: row gid, cols 2tid, 2tid+1     d2, d3: row gid+8, same cols (the INT8 path's C)
-// so lane tid's k runs 8tid..8tid+7 and 32+8tid.. lie in 16-groups tid/2 and 2 + tid/2.
-// K is zero-padded to a multiple of 64 (codes 0, scales 0), as on the INT8 NVFP4 path.
+// K (a multiple of 16) may end inside the last chunk, as on the INT8 NVFP4 path (w4a4_nvfp4.cuh).
 //
 // Scale registers, with the selectors {byte-id, thread-id} = {0, 0} (PTX ISA "Block Scaling for
 // mma.sync"; scale_vec::4X uses all four bytes of the register, byte c = 16-group c of the 64 k; the
@@ -34,9 +34,9 @@
 // probe of the 1X variant give it - not yet checked on an sm_120 GPU of ours):
 //   scale_A of row gid     from lane 4gid     (tid 0)    scale_A of row gid+8 from lane 4gid+1 (tid 1)
 //   scale_B of col gid     from lane 4gid     (tid 0)
-// The other lanes' registers are not read. Scales stay fp32 in memory (kernel A's [K64/16][M_pad],
-// the repacked [K64/16][N_pad] of backends/cuda.py, as on the INT8 NVFP4 path); the GEMM converts the
-// 4 scales of a row / column to one register of 4 E4M3 bytes per 64 k (exact: they are E4M3 values).
+// The other lanes' registers are not read. Activation scales are kernel A's fp32 [K64/16][M_pad]: the
+// GEMM converts a row's 4 scales of a 64-chunk to one register of 4 E4M3 bytes (exact: they are E4M3
+// values); weight scales are the file's E4M3 [K/16][N], whose 4 bytes of a column are the register.
 #pragma once
 #include <cuda_fp8.h>
 #include <stdint.h>
@@ -45,10 +45,14 @@
 
 namespace svdq {
 
-// Kernel A's packing for this flavour: NativeS4Layout's places (see there), E2M1 codes, four 16-wide
-// scale groups per 64 columns.
-struct E2M1NativeLayout : NativeS4Layout {
+// Kernel A's and the GEMM's runs for this flavour (see above): E2M1 codes, four 16-wide scale groups
+// per 64 columns.
+struct E2M1NativeLayout {
   static constexpr int kScaleGroups = 4;
+  static constexpr int kAdjacentRuns = 2;
+  static __host__ __device__ __forceinline__ constexpr int run_k(int j, int tid) {
+    return 32 * (j / 2) + 8 * tid + 4 * (j % 2);
+  }
   // Run j of lane tid covers k 32(j/2) + 8tid + 4(j%2) + 0..3, in 16-group 2(j/2) + tid/2: kernel A's
   // step t codes runs 2t, 2t+1, the lane's group 2t + tid/2 is shared by lanes tid 0,1 or 2,3.
   static constexpr int kQuantSteps = 2;
@@ -59,19 +63,28 @@ struct E2M1NativeLayout : NativeS4Layout {
   static __host__ __device__ constexpr int owner_tid(int s) { return 2 * (s % 2); }
 };
 
-struct MmaE2M1BlockScaledM16n8k64 : NativeS4Fragments {
-  using Layout = E2M1NativeLayout;
-  static constexpr int kScaleGroups = Layout::kScaleGroups;
+struct MmaE2M1BlockScaledM16n8k64 : NativeS4Fragments<E2M1NativeLayout> {
+  static constexpr int kScaleGroups = E2M1NativeLayout::kScaleGroups;
   static constexpr bool kBlockScaled = true;  // the MMA applies the group scales and accumulates in fp32
 
-  // The scale register of one row (column): 4 fp32 scales of 16-groups 0..3, `stride` floats apart,
+  // The scale register of one activation row: 4 fp32 scales of 16-groups 0..3, `stride` floats apart,
   // as 4 E4M3 bytes, byte c = group c.
-  static __device__ __forceinline__ uint32_t scale_reg(const float* __restrict__ p, int64_t stride) {
+  static __device__ __forceinline__ uint32_t act_scale_reg(const float* __restrict__ p, int64_t stride) {
     const __nv_fp8x2_storage_t lo =
         __nv_cvt_float2_to_fp8x2(make_float2(__ldg(p), __ldg(p + stride)), __NV_SATFINITE, __NV_E4M3);
     const __nv_fp8x2_storage_t hi =
         __nv_cvt_float2_to_fp8x2(make_float2(__ldg(p + 2 * stride), __ldg(p + 3 * stride)), __NV_SATFINITE, __NV_E4M3);
     return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+  // The scale register of one weight column: its E4M3 scales of 16-groups 0..3, `stride` bytes apart;
+  // groups at or past `groups_left` (past K) are zero.
+  static __device__ __forceinline__ uint32_t wgt_scale_reg(const uint8_t* __restrict__ p, int64_t stride,
+                                                           int groups_left) {
+    uint32_t r = 0u;
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+      if (c < groups_left) r |= static_cast<uint32_t>(__ldg(p + c * stride)) << (8 * c);
+    return r;
   }
 
   // d += (A * scale_A)(B * scale_B) over one 64-k chunk; sfa, sfb as documented above.

@@ -14,8 +14,9 @@
 // |sum| <= 64*8*15), then the kernel rescales it in fp32.
 //
 // ------------------------------------------------------------------------------------------------
-// The native s4 fragment layout (written by kernel A for activations with NativeS4Layout, and by
-// nunchaku_ext/backends/cuda.py: pack_weight_fragments(layout="native_s4") for weights).
+// Fragments. Both flavours use Lane16Layout (w4a4_int8.cu): lane tid owns k 16tid .. 16tid+15 of each
+// 64-chunk of its rows, as two words (w0: k 16tid+0..7, w1: k 16tid+8..15, code e in bits 4e) that
+// ARE s4 MMA registers as loaded from memory.
 //
 // mma.sync.m16n8k64 .s4/.u4 register fragments (PTX ISA, "Matrix Fragments for mma.m16n8k64"),
 // lane = 4*gid + tid; each register holds 8 codes, element e in bits 4e..4e+3:
@@ -23,42 +24,34 @@
 //              a2: row gid, k 32+tid*8+e  a3: row gid+8, k 32+tid*8+e
 //   B (64x8)   b0: col gid, k tid*8+e     b1: col gid, k 32+tid*8+e
 //   C (16x8)   as for m16n8k32: c0,c1 row gid, cols 2*tid, 2*tid+1; c2,c3 row gid+8
-// Activations, one m16 tile and one 64-group: lane's uint4 = {a0, a1, a2, a3}.
-// Weights, one pair of 8-column tiles p and one group: lane's uint4 = {b0, b1 of cols 16p + gid,
-// b0, b1 of cols 16p + 8 + gid}. Addresses and scales as in w4a4_int8.cu.
+// So a0 / a1 = w0 of rows gid / gid+8, a2 / a3 = their w1, b0 / b1 = the weight row's w0 / w1: MMA
+// slot k 8tid+e holds k 16tid+e and slot 32+8tid+e holds k 16tid+8+e, in both operands.
 //
 // m8n8k32 .s4 (PTX "Matrix Fragments for mma.m8n8k32"): A (8x32) one register, row gid, k tid*8+e;
 // B (32x8) one register, col gid, k tid*8+e; C c0,c1 row gid, cols 2*tid, 2*tid+1. So the m16n8k64
 // registers above are four m8n8k32 operands: rows gid   = (a0 x b0) + (a2 x b1) -> c0, c1
 //                                              rows gid+8 = (a1 x b0) + (a3 x b1) -> c2, c3
-// and one layout serves both s4 flavours.
+// and one set of fragments serves both s4 flavours.
 // ------------------------------------------------------------------------------------------------
 #pragma once
 #include <stdint.h>
 
 namespace svdq {
 
-// Where kernel A puts a lane's codes in the native s4 layout (see InterleavedNibbleLayout in
-// w4a4_int8.cu for the interface): runs j = 0,1 cover k tid*8 + 0..7, runs 2,3 cover 32 + tid*8 + 0..7;
-// row half h goes to a0/a2 (h = 0) or a1/a3 (h = 1); code e of a register sits in bits 4e.
-struct NativeS4Layout {
-  static __device__ __forceinline__ int run_k(int j, int tid) { return 32 * (j / 2) + 8 * tid + 4 * (j % 2); }
-  static __device__ __forceinline__ int word(int j, int h) { return 2 * (j / 2) + h; }
-  static __device__ __forceinline__ int shift(int j, int b, int h) { return 16 * (j % 2) + 4 * b; }
-};
-
-// The packed words are the MMA registers.
+// The words are the MMA registers. Layout: Lane16Layout for INT4 (here), E2M1NativeLayout for the
+// sm_120 NVFP4 flavour (w4a4_nvfp4_bs.cuh), whose words are the same registers over other k.
+template <typename L>
 struct NativeS4Fragments {
-  using Layout = NativeS4Layout;
+  using Layout = L;
   static constexpr int kMinBlocksPerSm = 0;  // __launch_bounds__: 0 leaves the register budget to ptxas
   struct AFrag { uint32_t r[4]; };  // a0..a3
   struct BFrag { uint32_t r[2]; };  // b0, b1
   template <bool kActUnsigned>
-  static __device__ __forceinline__ AFrag a_frag(uint4 w) { return AFrag{{w.x, w.y, w.z, w.w}}; }
-  static __device__ __forceinline__ BFrag b_frag(uint32_t w0, uint32_t w1) { return BFrag{{w0, w1}}; }
+  static __device__ __forceinline__ AFrag a_frag(uint2 row0, uint2 row1) { return AFrag{{row0.x, row1.x, row0.y, row1.y}}; }
+  static __device__ __forceinline__ BFrag b_frag(uint2 col) { return BFrag{{col.x, col.y}}; }
 };
 
-struct MmaS4m16n8k64 : NativeS4Fragments {
+struct MmaS4m16n8k64 : NativeS4Fragments<Lane16Layout> {
   // sum = the group's exact int32 dot products (sum must be zero on entry).
   template <bool kActUnsigned>
   static __device__ __forceinline__ void group_dot(int32_t (&sum)[4], const AFrag& a, const BFrag& b) {
@@ -82,7 +75,7 @@ struct MmaS4m16n8k64 : NativeS4Fragments {
   }
 };
 
-struct MmaS4m8n8k32 : NativeS4Fragments {
+struct MmaS4m8n8k32 : NativeS4Fragments<Lane16Layout> {
   // Left to itself, ptxas caps this flavour at 128 registers on sm_75 (two blocks per SM) and spills
   // 16 bytes that are reloaded in the main loop; one block per SM, as on every other arch, needs
   // ~225 registers and spills nothing. Which is faster on a Turing GPU is not measured (none here).

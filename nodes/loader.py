@@ -6,7 +6,8 @@ UNETLoader). It is built on the meta device with the operations ComfyUI would pi
 layers, the quantized linears are replaced by our layers, and the file's tensors are assigned
 without copies. Nunchaku's checkpoints (a single file, or the older folder) are converted to our
 format in memory on the way in (nunchaku_ext.nunchaku_import); their single blocks' linear1 /
-linear2 become split linears.
+linear2 become split linears. The double blocks' MLPs are then swapped for modules that run
+fc1 -> GELU -> fc2 through the backend's fused MLP where it applies (nodes.ops.ComfySVDQMLP).
 """
 import dataclasses
 import os
@@ -22,12 +23,13 @@ import folder_paths
 
 from nunchaku_ext import backends
 from nunchaku_ext.format import CheckpointError, load_checkpoint, read_header, FORMAT_NAME
+from nunchaku_ext.layers import replace_mlps
 from nunchaku_ext.models import check_flux1_checkpoint
 from nunchaku_ext.nunchaku_import import import_nunchaku
 from nunchaku_ext.nunchaku_layout import FOLDER_FILES, is_nunchaku_metadata
 
 from .lora_patches import install_adapters
-from .ops import ComfySplitLinear, make_comfy_module
+from .ops import ComfySplitLinear, ComfySVDQMLP, make_comfy_module
 
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 BACKENDS = ("auto", "cuda", "reference")
@@ -164,6 +166,9 @@ def load_svdquant_flux(path, compute_dtype="default", backend="auto", device="de
     left_on_meta = [k for k, t in [*diffusion_model.named_parameters(), *diffusion_model.named_buffers()] if t.is_meta]
     if left_on_meta:
         raise CheckpointError(f"{path}: no tensor for {left_on_meta[:5]}")
+    # The double blocks' img_mlp / txt_mlp, Sequential(our fc1, GELU(tanh), our fc2), become
+    # ComfySVDQMLPs with the same children: the layers' backend runs them fused where it can.
+    replace_mlps(diffusion_model, ComfySVDQMLP)
     model.device = offload_device
     model = model.to(offload_device)
 

@@ -11,6 +11,10 @@ A split linear (Nunchaku's single-block linear1 / linear2) is the LoRA target as
 marker is on it (with a `bias` marker for bias patches); its parts are the layers ModelPatcher
 loads and streams, each with a marker outside the state dict (ModelPatcher reads `<part>.weight`,
 and LoRA keys must not map to a part).
+
+A FLUX double block's img_mlp / txt_mlp (Sequential(fc1, GELU(tanh), fc2) of our layers) becomes a
+ComfySVDQMLP after loading: the same children under the same names (so the same keys for state dict,
+LoRA mapping and ModelPatcher), run through the backend's fused MLP unless ComfyUI streams a layer.
 """
 import torch
 
@@ -18,8 +22,7 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
 
-from nunchaku_ext import backends
-from nunchaku_ext.layers import SplitLinear
+from nunchaku_ext.layers import SplitLinear, SVDQMLP
 from nunchaku_ext.lora import SVDQW4A4LinearLoRA, W4A16LinearLoRA
 
 
@@ -62,10 +65,6 @@ class _ComfyQuantizedLinear(comfy.ops.CastWeightBiasOp):
             return super().forward(x)
         finally:
             self._buffers.update(resident)
-            # A kernel backend may keep a repacked copy per device; a streamed layer must not.
-            release = getattr(backends.get(self.backend), "release", None)
-            if release is not None:
-                release(self)
 
 
 class ComfySVDQW4A4Linear(_ComfyQuantizedLinear, SVDQW4A4LinearLoRA):
@@ -93,6 +92,23 @@ class ComfySplitLinear(SplitLinear):
             self.register_buffer("bias", _marker())
         self.marker_keys = ("weight", "bias") if has_bias else ("weight",)
         self.installed_patches = None
+
+
+class ComfySVDQMLP(SVDQMLP):
+    """nunchaku_ext.layers.SVDQMLP in ComfyUI's model. Not a cast module itself (no tensors of its
+    own; ModelPatcher loads and streams its two layers as it did inside the Sequential). A layer that
+    ModelPatcher streams in low-VRAM mode (`comfy_cast_weights`, or weight / bias functions: see
+    _ComfyQuantizedLinear._forward_streamed) must run its own forward, so the pair then runs as
+    children in order; so does any case SVDQMLP itself does not fuse."""
+
+    def layer_computes_directly(self, layer):
+        return super().layer_computes_directly(layer) and not (
+            getattr(layer, "comfy_cast_weights", False) or getattr(layer, "weight_function", None)
+            or getattr(layer, "bias_function", None))
+
+    def forward(self, x):
+        comfy.ops.run_every_op()  # what each of its layers does (interrupt check); the fused call skips them
+        return super().forward(x)
 
 
 def make_comfy_layer(spec, precision, dtype, device=None, lora_target=True) -> torch.nn.Module:

@@ -32,9 +32,11 @@ log = logging.getLogger(__name__)
 # with s4 m8n8k32, sm_80/86/89 with s4 m16n8k64, sm_90/120 with s8 m16n8k32 (DESIGN.md §4). Other
 # GPUs of compute capability >= 7.5 get a native build for their own arch, with a warning that it
 # is untested. NVFP4 layers use the block-scaled FP4 MMA on sm_120, which is legal only for the
-# arch-specific target: 12.0 is built as compute_120a / sm_120a (ARCH_SPECIFIC).
+# arch-specific target: 12.0 is built as compute_120a / sm_120a (ARCH_SPECIFIC). Likewise sm_90's INT4
+# GEMM on wgmma (csrc/w4a4_sm90a.cu: wgmma, setmaxnreg) needs sm_90a: 9.0 is built as compute_90a / sm_90a
+# (a cubin for exactly sm_90, which is all a 9.0 build ever ran on: no PTX is embedded for any arch).
 SUPPORTED_ARCHS = ("7.5", "8.0", "8.6", "8.9", "9.0", "12.0")
-ARCH_SPECIFIC = ("12.0",)
+ARCH_SPECIFIC = ("9.0", "12.0")
 MIN_CAPABILITY = (7, 5)
 
 ARCHS_ENV = "SVDQ_CUDA_ARCHS"
@@ -42,9 +44,9 @@ CACHE_ENV = "SVDQ_CACHE_DIR"
 VERBOSE_ENV = "SVDQ_BUILD_VERBOSE"  # 1: echo the compiler output, incl. -Xptxas -v register reports
 
 CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("w4a4_ops.cpp", "w4a4_int8.cu", "w4a16_gemv.cu")
+SOURCES = ("w4a4_ops.cpp", "w4a4_int8.cu", "w4a16_gemv.cu", "w4a4_sm90a.cu")
 HEADERS = ("w4a4_int8.h", "w4a16_gemv.h", "w4a4_s4.cuh", "w4a4_nvfp4.cuh", "w4a4_nvfp4_bs.cuh", "w4a4_mlp.h",
-           "w4a4_mlp.cuh")
+           "w4a4_mlp.cuh", "w4a4_sm90a.h")
 
 DEFAULT_CUDA_HOMES = ("/usr/local/cuda",)
 

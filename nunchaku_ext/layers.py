@@ -2,8 +2,8 @@
 
 Every quantized tensor is a registered buffer in the FILE layout (docs/format.md), so state_dict,
 .to(device), memory accounting and ComfyUI's model management see the real 4-bit size. The forward
-goes through a backend (nunchaku_ext.backends): 'reference' is the executable spec; kernel backends
-may keep a repacked copy of their own, made once per device.
+goes through a backend (nunchaku_ext.backends): 'reference' is the executable spec; the 'cuda'
+kernels read these buffers as they are, so a layer holds nothing else.
 """
 from dataclasses import dataclass
 
@@ -13,7 +13,6 @@ from . import backends
 from .numerics import GROUP_SIZE, PRECISIONS, W4A16_GROUP, e2m1_to_float, expand_groups, unpack_4bit
 
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16)
-BACKEND_STATE_ATTR = "backend_state"
 
 
 @dataclass(frozen=True)
@@ -90,12 +89,6 @@ class _QuantizedLinear(torch.nn.Module):
         self.register_buffer("bias", None)
         for name, t in spec.tensor_specs(precision, dtype).items():
             self.register_buffer(name, torch.empty(t.shape, dtype=t.dtype, device=device))
-
-    def _apply(self, fn, recurse=True):
-        # A backend may keep per-layer state made from the buffers (the cuda backend: a repacked copy
-        # on one device) in `backend_state`; moving or casting the buffers makes it stale.
-        self.__dict__.pop(BACKEND_STATE_ATTR, None)
-        return super()._apply(fn, recurse)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}"
@@ -224,3 +217,111 @@ def make_module(parts: dict, precision: str, dtype=torch.bfloat16, device=None, 
     return SplitLinear(mode.pop(), {name: (spec.part[1], spec.part[2],
                                            make_layer(spec, precision, dtype, device, **classes))
                                     for name, spec in parts.items()})
+
+
+# ------------------------------------------------------------------------------------------------
+# The MLP pair of a transformer block: fc1 -> GELU(tanh) -> fc2, fused where the backend can
+
+# The layer tensors a fused MLP reads; all must be on the input's device for the fused call.
+_MLP_OPERANDS = ("qweight", "wscales", "smooth", "lora_down", "lora_up", "bias", "wtscale", "wcscales")
+
+
+def _global_module_hooks() -> bool:
+    """Whether hooks are registered for every module (torch.nn.modules.module.register_module_*)."""
+    m = torch.nn.modules.module
+    return bool(getattr(m, "_global_forward_hooks", None) or getattr(m, "_global_forward_pre_hooks", None))
+
+
+def _has_forward_hooks(module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+class SVDQMLP(torch.nn.Sequential):
+    """fc2(GELU_tanh(fc1(x))): an nn.Sequential whose children are 0 = fc1 (SVDQW4A4Linear),
+    1 = nn.GELU(approximate="tanh"), 2 = fc2 (SVDQW4A4Linear) — a drop-in for the Sequential a model
+    builds (FLUX's double blocks' img_mlp / txt_mlp), with the same child names, hence the same
+    state-dict keys. `replace_mlps` swaps it in for such Sequentials.
+
+    Where the layers' backend fuses the pair — the backend module has `mlp_fusable(fc1, fc2)` and it
+    is true (the 'cuda' backend: INT4 layers, fc1 signed, fc2 with FLUX's unsigned GELU input) —
+    forward is `backend.mlp_w4a4(fc1, fc2, x)` on the layers' own buffers: fc1's GEMM epilogue does
+    the GELU and quantizes fc2's input, so the hidden activation is written once, in 4 bits. The
+    result is the two linears' up to the rounding of that hidden activation (tests/test_cuda_mlp.py,
+    tests/test_mlp_module.py). The backend is read from the layers on every call, so the module
+    follows `layer.backend`.
+
+    Everywhere else it runs its children in order, exactly as the Sequential did: a backend that does
+    not fuse (the reference backend has `mlp_w4a4`, the spec, but no `mlp_fusable`), a pair it does
+    not fuse (NVFP4, a signed fc2), fc1 and fc2 on different backends, a child replaced by something
+    else (or a GELU that is not tanh's), forward hooks on a child or global ones, a per-instance
+    `forward` on a layer, or a layer tensor not on x's device. `layer_computes_directly` is where a
+    framework adds its own conditions for "calling this layer is just its backend op on its buffers"
+    (nodes/ops.py: not while ComfyUI streams the layer's weights in low-VRAM mode).
+
+    Adapters absorbed into the layers' low-rank branch (nunchaku_ext.lora: new lora_down / lora_up
+    buffers, a new bias) are seen by both paths: the fused call reads the same buffers.
+    """
+
+    def layer_computes_directly(self, layer) -> bool:
+        """Whether calling `layer` now would compute exactly its backend's w4a4_linear on its own
+        buffers, so that the fused call may stand in for it: no hooks, no per-instance forward."""
+        return not (_has_forward_hooks(layer) or "forward" in layer.__dict__)
+
+    def fused_backend(self, x):
+        """The backend module that runs this MLP fused on x, or None: the children then run in order."""
+        children = self._modules
+        if len(children) != 3:
+            return None
+        fc1, act, fc2 = children.get("0"), children.get("1"), children.get("2")
+        if not (isinstance(fc1, SVDQW4A4Linear) and isinstance(fc2, SVDQW4A4Linear)
+                and type(act) is torch.nn.GELU and act.approximate == "tanh"):
+            return None
+        if fc1.backend != fc2.backend:
+            return None
+        backend = backends.get(fc1.backend)
+        fusable = getattr(backend, "mlp_fusable", None)
+        if fusable is None or not fusable(fc1, fc2):
+            return None
+        if _global_module_hooks() or _has_forward_hooks(act):
+            return None
+        if not (self.layer_computes_directly(fc1) and self.layer_computes_directly(fc2)):
+            return None
+        for layer in (fc1, fc2):
+            for name in _MLP_OPERANDS:
+                t = getattr(layer, name, None)
+                if t is not None and t.device != x.device:
+                    return None
+        return backend
+
+    def forward(self, x):
+        backend = self.fused_backend(x)
+        if backend is None:
+            return super().forward(x)
+        return backend.mlp_w4a4(self._modules["0"], self._modules["2"], x)
+
+
+def is_plain_mlp(module) -> bool:
+    """Exactly nn.Sequential(fc1, nn.GELU(approximate="tanh"), fc2) with SVDQ W4A4 layers as fc1 and
+    fc2 (a subclass of Sequential, or another activation as in FLUX variants' mlp_silu_act, is not)."""
+    if type(module) is not torch.nn.Sequential or len(module) != 3:
+        return False
+    fc1, act, fc2 = module
+    return (isinstance(fc1, SVDQW4A4Linear) and isinstance(fc2, SVDQW4A4Linear) and type(act) is torch.nn.GELU
+            and act.approximate == "tanh")
+
+
+def replace_mlps(root: torch.nn.Module, mlp_class=SVDQMLP) -> list:
+    """Replace every plain MLP (is_plain_mlp) below `root` by `mlp_class` (SVDQMLP or a subclass)
+    holding the same child modules under the same names, so state_dict keys and module names are
+    unchanged. -> the replaced modules' names."""
+    from collections import OrderedDict
+
+    names = []
+    for name, module in list(root.named_modules()):
+        if name and is_plain_mlp(module):
+            parent, _, child = name.rpartition(".")
+            mlp = mlp_class(OrderedDict(module._modules))
+            mlp.training = module.training
+            setattr(root.get_submodule(parent), child, mlp)
+            names.append(name)
+    return names

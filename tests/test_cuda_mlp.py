@@ -33,6 +33,13 @@ from nunchaku_ext.layers import SVDQW4A4Linear
 from nunchaku_ext.quantize import quantize_w4a4
 from test_cuda_w4a4 import FLAVOURS, ext, make_input, make_layer, mma_path, requires_cuda  # noqa: F401 (fixtures)
 
+@pytest.fixture(autouse=True)
+def always_fuse(monkeypatch):
+    """These tests hold the fused kernels to the spec: fuse at any M, also where the pair would otherwise
+    run as two wgmma linears for being large (test_fuses_only_where_it_pays_beside_wgmma checks that)."""
+    monkeypatch.setattr(cuda_backend, "FUSED_MLP_MAX_ROWS_BESIDE_WGMMA", 2 ** 31)
+
+
 MLP_CASES = [
     # input shape, K1 (model width), N1 (hidden), N2, rank fc1, rank fc2, dtype
     ((4096,), 3072, 12288, 3072, 32, 32, torch.bfloat16),  # FLUX
@@ -41,7 +48,7 @@ MLP_CASES = [
     ((3,), 256, 192, 320, 0, 16, torch.float16),  # hidden widths: multiples of 64, not of the 128 tile
     ((255,), 320, 448, 200, 7, 0, torch.bfloat16),
     ((2, 65), 192, 64, 136, 32, 7, torch.float16),
-    ((130,), 128, 320, 3, 16, 32, torch.bfloat16),
+    ((130,), 128, 320, 2, 16, 32, torch.bfloat16),
 ]
 
 
@@ -101,11 +108,11 @@ def check_fc2_input(fc1, fc2, x):
     # Rows past M (tile padding) are written, as zeros: fc2's GEMM reads them.
     assert not scales_raw.isnan().any() and not lora_raw.isnan().any()
     assert (scales_raw[:, M:] == 0).all() and (lora_raw[M:] == 0).all() and (lora_raw[:, fc2.rank:] == 0).all()
-    layout = cuda_backend.mma_path(x.device).layout
-    assert (cuda_backend.unpack_act_fragments(act_raw, act_raw.shape[0] * 16, True, layout)[M:] == 0).all()
+    assert torch.equal(act_raw[:M].cpu(), numerics.pack_4bit(ref_codes).cpu())  # the layout kernel A writes
+    assert (act_raw[M:] == 0).all()
     if fc2.rank:
         terms = h.double().abs() @ fc2.lora_down.double().abs().T
-        n = cuda_backend.BLOCK_N + -(-N1 // cuda_backend.BLOCK_N)
+        n = 128 + -(-N1 // 128)  # summands per element: the column block's 128 in order, then one per block
         err = (lora_act2.double() - h.double() @ fc2.lora_down.double().T).abs()
         assert (err <= n * 2 ** -24 * terms + 1e-30).all(), (err / terms.clamp_min(1e-30)).max().item()
     return h
@@ -147,6 +154,27 @@ def test_mlp_is_deterministic_and_fused(mma_path):
     assert len(fused) == 3 and all(FLAVOURS[mma_path.name] in n for n in fused), names
     assert sum("sum_lora_partials_kernel" in n for n in names) == 3, names
     assert sum("quantize_act_lora_down_kernel" in n for n in names) == 3, names  # fc1's only
+
+
+@requires_cuda
+def test_fuses_only_where_it_pays_beside_wgmma(ext, monkeypatch):
+    """On sm_90 the pair is fused up to FUSED_MLP_MAX_ROWS_BESIDE_WGMMA rows and runs as two wgmma
+    linears above (the fused kernels are mma.sync ones; docs/benchmarks.md)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma path is sm_90's")
+    monkeypatch.delenv(cuda_backend.PATH_ENV, raising=False)
+    monkeypatch.setattr(cuda_backend, "FUSED_MLP_MAX_ROWS_BESIDE_WGMMA", 512)
+    fc1, fc2 = make_pair(256, 512, 256, 16, 16, torch.bfloat16, seed=9)  # shapes the wgmma path takes
+    for M, fused in ((512, True), (513, False)):
+        x = make_input((M,), 256, unsigned=False, dtype=torch.bfloat16)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            y = cuda_backend.mlp_w4a4(fc1, fc2, x)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events()]
+        assert any("w4a4_mlp_fc1_kernel" in n for n in names) == fused, (M, names)
+        assert sum("w4a4_gemm_sm90a_kernel" in n for n in names) == (0 if fused else 2), (M, names)
+        two = cuda_backend.forward(fc2, F.gelu(cuda_backend.forward(fc1, x), approximate="tanh"))
+        assert ((y.float() - two.float()).norm() / two.float().norm()).item() <= 2 ** -10
 
 
 @requires_cuda

@@ -23,6 +23,8 @@ GPU tests skip without CUDA. What they hold the kernels to:
   $SVDQ_MMA_PATH): on sm_90 all three, the consumer GPUs' s4 paths emulated by ptxas but with the
   same instruction semantics, so their layouts, fragment mapping and MMA chains are verified there.
   The paths must also agree with each other bit for bit (same exact group sums, same fp32 order).
+  sm_90 also runs its wgmma path (e4m3_wgmma_sm90a, csrc/w4a4_sm90a.cu), which takes INT4 layers with N
+  and K multiples of 128; the other shapes fall back to s8_m16n8k32 under it, and still pass.
 
 The test marked `build` compiles and links the extension for every supported arch (no GPU needed,
 nvcc needed); it takes minutes.
@@ -89,7 +91,11 @@ def make_input(shape, K, *, unsigned, dtype, device="cuda", seed=1):
 
 # The kernel template instantiation of each MMA path (csrc/w4a4_int8.cu, csrc/w4a4_s4.cuh), and its
 # SASS instruction where the GPU runs it natively, for (signed, unsigned) activations.
-FLAVOURS = {"s8_m16n8k32": "MmaS8m16n8k32", "s4_m16n8k64": "MmaS4m16n8k64", "s4_m8n8k32": "MmaS4m8n8k32"}
+FLAVOURS = {"s8_m16n8k32": "MmaS8m16n8k32", "s4_m16n8k64": "MmaS4m16n8k64", "s4_m8n8k32": "MmaS4m8n8k32",
+            # sm_90's wgmma path has its own GEMM (w4a4_gemm_sm90a_kernel, WGMMA_KERNEL); its fallback (the
+            # fused MLP pair, the shapes it does not take) runs on the s8 flavour (backends.cuda.WGMMA_FALLBACK).
+            "e4m3_wgmma_sm90a": "MmaS8m16n8k32"}
+WGMMA_KERNEL, WGMMA_SASS = "w4a4_gemm_sm90a_kernel", "QGMMA.64x192x32.F32.E4M3.E4M3"
 NVFP4_FLAVOURS = {"e2m1_s8_m16n8k16": "MmaE2M1S8m16n8k16", "e2m1_bs_m16n8k64": "MmaE2M1BlockScaledM16n8k64"}
 EXPECTED_IMMA = {"s8_m16n8k32": ("IMMA.16832.S8.S8", "IMMA.16832.S8.S8"),
                  "s4_m16n8k64": ("IMMA.16864.S4.S4", "IMMA.16864.U4.S4"),
@@ -101,7 +107,7 @@ def mma_path(request, ext, monkeypatch):
     """Runs a test on one MMA path, forced; skipped where the GPU lacks the instruction."""
     path = cuda_backend.MMA_PATHS[request.param]
     capability = torch.cuda.get_device_capability()
-    if capability < path.min_capability:
+    if capability < path.min_capability or (path.exact_capability and capability != path.min_capability):
         pytest.skip(f"{path.name} needs sm_{path.min_capability[0]}{path.min_capability[1]}")
     monkeypatch.setenv(cuda_backend.PATH_ENV, path.name)
     return path
@@ -122,8 +128,9 @@ def check_quantize(layer, x):
     # Padded rows (M .. M_pad) must be written too, as zeros: the GEMM reads them.
     assert not scales_raw.isnan().any() and not lora_raw.isnan().any()
     assert (scales_raw[:, M:] == 0).all() and (lora_raw[M:] == 0).all()
-    layout = cuda_backend.mma_path(x.device).layout
-    assert (cuda_backend.unpack_act_fragments(act_raw, act_raw.shape[0] * 16, True, layout)[M:] == 0).all()
+    # The codes are stored as the file stores weights (row-major, two per byte, low nibble = even k).
+    assert torch.equal(act_raw[:M].cpu(), numerics.pack_4bit(ref_codes).cpu())
+    assert (act_raw[M:] == 0).all()
     assert (lora_raw[:, layer.rank:] == 0).all()
     if layer.rank:
         ref = x2.double() @ layer.lora_down.double().T
@@ -178,23 +185,27 @@ def check_linear(layer, x, *, via_module=False):
 
 
 # ------------------------------------------------------------------------------------------------
-# Layout tests: no GPU needed. They prove the packers agree with the PTX fragment definitions that
-# the GEMM's mma.sync relies on (csrc/w4a4_int8.cu and csrc/w4a4_s4.cuh, "fragment layout").
+# Layout tests: no GPU needed. They emulate what each lane of the GEMM loads and how it builds its
+# fragments (csrc/w4a4_int8.cu "Which k a lane owns", Lane16Layout; csrc/w4a4_s4.cuh), then apply the
+# PTX ISA's fragment definitions of the MMA: every 16x8 tile must get the exact integer product of
+# its 64-chunk. Both operands are row-major packed codes, as the file stores weights and kernel A
+# writes activations.
 
 
-def _pack_act_fragments(codes, layout):
-    """Test-only inverse of unpack_act_fragments (codes int [M_pad, K] -> int32 [M_pad/16, K/64, 32, 4])."""
-    Mp, K = codes.shape
-    nib = (codes.to(torch.int16) & 0xF).to(torch.uint8)
-    if layout == "interleaved":
-        nib = nib.view(Mp // 16, 2, 8, K // 64, 4, 4, 4).permute(0, 3, 2, 5, 4, 6, 1)  # mt, g, gid, tid, j, b, rh
-    else:  # native_s4: word 2c + rh, nibble e = code[16mt + 8rh + gid, 64g + 32c + 8tid + e]
-        nib = nib.view(Mp // 16, 2, 8, K // 64, 2, 4, 4, 2).permute(0, 3, 2, 5, 4, 1, 6, 7)  # mt,g,gid,tid,c,rh,byte,e%2
-    return (nib[..., 0] | nib[..., 1] << 4).contiguous().view(torch.int32).reshape(Mp // 16, K // 64, 32, 4)
+def lane16_run_k(j, tid):
+    return 16 * tid + 4 * j  # Lane16Layout::run_k
+
+
+def lane_words(packed, row, g, tid, run_k):
+    """A lane's two words of `row`'s 64-chunk g, as load_words reads them: run j is the 16 bits at
+    byte run_k(j, tid) / 2 of the row's 32-byte chunk; word w = run 2w | run 2w+1 << 16."""
+    chunk = packed[row, 32 * g:32 * g + 32]
+    runs = [int(chunk[run_k(j, tid) // 2]) | int(chunk[run_k(j, tid) // 2 + 1]) << 8 for j in range(4)]
+    return runs[0] | runs[1] << 16, runs[2] | runs[3] << 16
 
 
 def _s8_bytes(word, signed):
-    """One packed word -> (low register bytes, high register bytes), as the kernel unpacks it."""
+    """unpack_nibbles_to_s8: a word -> (low register bytes = even nibbles, high register bytes = odd)."""
     lo = [(word >> (8 * b)) & 0xF for b in range(4)]
     hi = [(word >> (8 * b + 4)) & 0xF for b in range(4)]
     if signed:
@@ -203,41 +214,41 @@ def _s8_bytes(word, signed):
     return lo, hi
 
 
-def test_fragment_layouts_match_ptx_mapping():
-    torch.manual_seed(0)
-    M, N, K = 32, 48, 128
+def _chunk_operands(seed, M=32, N=40, K=128):
+    torch.manual_seed(seed)
     a = torch.randint(-8, 8, (M, K))
     w = torch.randint(-8, 8, (N, K))
-    act = _pack_act_fragments(a, "interleaved")
-    assert torch.equal(cuda_backend.unpack_act_fragments(act, M, False, "interleaved"), a.to(torch.int8))
-    wp = cuda_backend.pack_weight_fragments(numerics.pack_4bit(w), n_pad=64, layout="interleaved")
-    assert wp.shape == (4, 2, 32, 4)
-    a_seen = torch.full((M, K), 99)
-    w_seen = torch.full((64, K), 99)
+    return a, w, numerics.pack_4bit(a), numerics.pack_4bit(w)
+
+
+def test_int8_flavour_fragments_match_ptx_mma():
+    """MmaS8m16n8k32: a word's low / high register, per k32 MMA v: a0 / a1 = low of rows gid / gid+8
+    (word v), a2 / a3 = their high; b0 / b1 = the weight row's low / high."""
+    a, w, a_packed, w_packed = _chunk_operands(0)
+    M, K = a.shape
     for g in range(K // 64):
-        for lane in range(32):
-            gid, tid = lane // 4, lane % 4
-            for mt in range(M // 16):
-                words = [int(v) & 0xFFFFFFFF for v in act[mt, g, lane]]
-                regs = []  # a[v][r] as the kernel builds them: (x -> a0,a1), (y -> a2,a3), (z, w) for MMA 1
-                for wd in words:
-                    regs.extend(_s8_bytes(wd, True))
+        for mt in range(M // 16):
+            for t in range(w.shape[0] // 8):
+                want = a[16 * mt:16 * mt + 16, 64 * g:64 * g + 64] @ w[8 * t:8 * t + 8, 64 * g:64 * g + 64].T
+                got = torch.zeros(16, 8, dtype=torch.long)
                 for v in range(2):
-                    for r in range(4):  # PTX m16n8k32 .s8 A: row gid (+8 for a1, a3), k tid*4+b (+16 for a2, a3)
-                        for b in range(4):
-                            row = mt * 16 + gid + 8 * (r % 2)
-                            k = g * 64 + 32 * v + 16 * (r // 2) + tid * 4 + b
-                            a_seen[row, k] = regs[4 * v + r][b]
-            for p in range(wp.shape[0]):
-                words = [int(v) & 0xFFFFFFFF for v in wp[p, g, lane]]
-                for t in range(2):
-                    for v in range(2):
-                        b0, b1 = _s8_bytes(words[2 * t + v], True)
-                        for r, reg in enumerate((b0, b1)):  # PTX B: col gid, k tid*4+b (+16 for b1)
-                            for b in range(4):
-                                w_seen[16 * p + 8 * t + gid, g * 64 + 32 * v + 16 * r + tid * 4 + b] = reg[b]
-    assert torch.equal(a_seen, a)
-    assert torch.equal(w_seen[:N], w) and (w_seen[N:] == 0).all()
+                    A = torch.zeros(16, 32, dtype=torch.long)
+                    B = torch.zeros(32, 8, dtype=torch.long)
+                    for lane in range(32):
+                        gid, tid = lane // 4, lane % 4
+                        r0 = lane_words(a_packed, 16 * mt + gid, g, tid, lane16_run_k)[v]
+                        r1 = lane_words(a_packed, 16 * mt + 8 + gid, g, tid, lane16_run_k)[v]
+                        lo0, hi0 = _s8_bytes(r0, True)
+                        lo1, hi1 = _s8_bytes(r1, True)
+                        regs = (lo0, lo1, hi0, hi1)  # a0..a3 as a_frag builds them
+                        blo, bhi = _s8_bytes(lane_words(w_packed, 8 * t + gid, g, tid, lane16_run_k)[v], True)
+                        for b in range(4):  # PTX m16n8k32 .s8: A row gid (+8 for a1, a3), k tid*4+b (+16 for a2, a3)
+                            for r in range(4):
+                                A[gid + 8 * (r % 2), 16 * (r // 2) + 4 * tid + b] = regs[r][b]
+                            B[4 * tid + b, gid] = blo[b]  # b0: k tid*4+b, col gid; b1: k 16+tid*4+b
+                            B[16 + 4 * tid + b, gid] = bhi[b]
+                    got += A @ B
+                assert torch.equal(got, want)
 
 
 def _s4_codes(word):
@@ -245,73 +256,182 @@ def _s4_codes(word):
     return [((word >> 4 * e) & 0xF) - 16 * ((word >> (4 * e + 3)) & 1) for e in range(8)]
 
 
-def test_native_s4_layout_matches_ptx_mma():
-    """Both s4 flavours, simulated from the packed words with the PTX fragment definitions, give each
-    16x8 tile's integer product: one m16n8k64, and the four m8n8k32 that MmaS4m8n8k32 chains."""
-    torch.manual_seed(1)
-    M, N, K = 32, 40, 128
-    a = torch.randint(-8, 8, (M, K))
-    w = torch.randint(-8, 8, (N, K))
-    act = _pack_act_fragments(a, "native_s4")
-    assert torch.equal(cuda_backend.unpack_act_fragments(act, M, False, "native_s4"), a.to(torch.int8))
-    wp = cuda_backend.pack_weight_fragments(numerics.pack_4bit(w), n_pad=64, layout="native_s4")
-    assert wp.shape == (4, 2, 32, 4)
-    w_pad = torch.cat([w, w.new_zeros(64 - N, K)])
+def test_native_s4_fragments_match_ptx_mma():
+    """Both s4 flavours (the words are the registers: a = {w0 row gid, w0 row gid+8, w1 row gid, w1
+    row gid+8}, b = {w0, w1}) give each 16x8 tile's integer product: one m16n8k64, and the four
+    m8n8k32 that MmaS4m8n8k32 chains."""
+    a, w, a_packed, w_packed = _chunk_operands(1)
+    M, K = a.shape
     for g in range(K // 64):
         for mt in range(M // 16):
-            a_regs = [[_s4_codes(int(v) & 0xFFFFFFFF) for v in act[mt, g, lane]] for lane in range(32)]
-            for p in range(wp.shape[0]):
-                b_words = [[_s4_codes(int(v) & 0xFFFFFFFF) for v in wp[p, g, lane]] for lane in range(32)]
-                for t in range(2):
-                    b_regs = [b_words[lane][2 * t:2 * t + 2] for lane in range(32)]  # b0, b1 of tile t
-                    want = a[16 * mt:16 * mt + 16, 64 * g:64 * g + 64] @ w_pad[16 * p + 8 * t:16 * p + 8 * t + 8,
-                                                                             64 * g:64 * g + 64].T
-                    # m16n8k64: A element i -> register i // 8, row gid (+8 unless i < 8 or 16 <= i < 24),
-                    # k tid*8 + i%8 (+32 for i >= 16); B element i -> register i // 8, k tid*8 + i%8 (+32 for i >= 8)
-                    A = torch.zeros(16, 64, dtype=torch.long)
-                    B = torch.zeros(64, 8, dtype=torch.long)
+            a_regs = []
+            for lane in range(32):
+                gid, tid = lane // 4, lane % 4
+                w0, w1 = lane_words(a_packed, 16 * mt + gid, g, tid, lane16_run_k)
+                v0, v1 = lane_words(a_packed, 16 * mt + 8 + gid, g, tid, lane16_run_k)
+                a_regs.append([_s4_codes(r) for r in (w0, v0, w1, v1)])
+            for t in range(w.shape[0] // 8):
+                b_regs = [[_s4_codes(r) for r in lane_words(w_packed, 8 * t + lane // 4, g, lane % 4, lane16_run_k)]
+                          for lane in range(32)]
+                want = a[16 * mt:16 * mt + 16, 64 * g:64 * g + 64] @ w[8 * t:8 * t + 8, 64 * g:64 * g + 64].T
+                # m16n8k64: A element i -> register i // 8, row gid (+8 unless i < 8 or 16 <= i < 24),
+                # k tid*8 + i%8 (+32 for i >= 16); B element i -> register i // 8, k tid*8 + i%8 (+32 for i >= 8)
+                A = torch.zeros(16, 64, dtype=torch.long)
+                B = torch.zeros(64, 8, dtype=torch.long)
+                for lane in range(32):
+                    gid, tid = lane // 4, lane % 4
+                    for i in range(32):
+                        row = gid if i < 8 or 16 <= i < 24 else gid + 8
+                        A[row, tid * 8 + (i & 7) + (32 if i >= 16 else 0)] = a_regs[lane][i // 8][i % 8]
+                    for i in range(16):
+                        B[tid * 8 + (i & 7) + (32 if i >= 8 else 0), gid] = b_regs[lane][i // 8][i % 8]
+                assert torch.equal(A @ B, want)
+
+                # m8n8k32: A row gid, k tid*8 + e; B k tid*8 + e, col gid; C row gid
+                def m8n8k32(ra, rb):
+                    A8 = torch.zeros(8, 32, dtype=torch.long)
+                    B8 = torch.zeros(32, 8, dtype=torch.long)
                     for lane in range(32):
                         gid, tid = lane // 4, lane % 4
-                        for i in range(32):
-                            row = gid if i < 8 or 16 <= i < 24 else gid + 8
-                            A[row, tid * 8 + (i & 7) + (32 if i >= 16 else 0)] = a_regs[lane][i // 8][i % 8]
-                        for i in range(16):
-                            B[tid * 8 + (i & 7) + (32 if i >= 8 else 0), gid] = b_regs[lane][i // 8][i % 8]
-                    assert torch.equal(A @ B, want)
+                        A8[gid, tid * 8:tid * 8 + 8] = torch.tensor(a_regs[lane][ra])
+                        B8[tid * 8:tid * 8 + 8, gid] = torch.tensor(b_regs[lane][rb])
+                    return A8 @ B8
 
-                    # m8n8k32: A row gid, k tid*8 + e; B k tid*8 + e, col gid; C row gid
-                    def m8n8k32(ra, rb):
-                        A8 = torch.zeros(8, 32, dtype=torch.long)
-                        B8 = torch.zeros(32, 8, dtype=torch.long)
-                        for lane in range(32):
-                            gid, tid = lane // 4, lane % 4
-                            A8[gid, tid * 8:tid * 8 + 8] = torch.tensor(a_regs[lane][ra])
-                            B8[tid * 8:tid * 8 + 8, gid] = torch.tensor(b_regs[lane][rb])
-                        return A8 @ B8
+                rows_gid = m8n8k32(0, 0) + m8n8k32(2, 1)
+                rows_gid8 = m8n8k32(1, 0) + m8n8k32(3, 1)
+                assert torch.equal(torch.cat([rows_gid, rows_gid8]), want)
 
-                    rows_gid = m8n8k32(0, 0) + m8n8k32(2, 1)
-                    rows_gid8 = m8n8k32(1, 0) + m8n8k32(3, 1)
-                    assert torch.equal(torch.cat([rows_gid, rows_gid8]), want)
+
+# The sm_90a wgmma path (csrc/w4a4_sm90a.cu; kernel A's Lane16E4M3Layout store in w4a4_int8.cu).
+
+
+def _e4m3_bytes_like_csrc(x, signed):
+    """nibbles_to_e4m3 / store_e4m3_codes on one nibble x: (x ^ (s * 0x8F)) + s, s = bit 3 (signed)."""
+    s = (x >> 3) & 1 if signed else 0
+    return (x ^ (s * 0x8F)) + s
+
+
+def test_wgmma_e4m3_code_bytes():
+    """A 4-bit code q becomes the E4M3 byte of q * 2^-9 (subnormal / first binade: exact), for signed
+    nibbles (two's complement, -8 included: files may hold it) and unsigned codes 0..15."""
+    for x in range(16):
+        for signed in (True, False):
+            q = x - 16 if signed and x >= 8 else x
+            byte = _e4m3_bytes_like_csrc(x, signed)
+            value = torch.tensor([byte], dtype=torch.uint8).view(torch.float8_e4m3fn).float().item()
+            assert value == q * 2.0 ** -9, (x, signed, hex(byte))
+    # The largest group sum, 64 * 15 * 8 (unsigned x signed codes), is below 2^13 units of 2^-18: exact in fp32.
+    assert 64 * 15 * 8 < 2 ** 13
+
+
+def _wgmma_act_like_kernel_a(codes, signed):
+    """Kernel A's store for the wgmma path, emulated per lane: Lane16Layout words (word v = k 16tid + 8v + i
+    in nibble i), then store_e4m3_codes: even nibbles of word v at bytes 32v + 4tid + b, odd at +16."""
+    M, K = codes.shape
+    packed = numerics.pack_4bit(codes)
+    act = torch.zeros(M, K, dtype=torch.long)
+    for m in range(M):
+        for g in range(K // 64):
+            for tid in range(4):
+                words = lane_words(packed, m, g, tid, lane16_run_k)
+                for v in range(2):
+                    for h in range(2):
+                        for b in range(4):
+                            x = (words[v] >> (8 * b + 4 * h)) & 0xF
+                            act[m, 64 * g + 32 * v + 16 * h + 4 * tid + b] = _e4m3_bytes_like_csrc(x, signed)
+    return act
+
+
+def _e4m3_value_codes(byte):
+    return torch.where(byte >= 0x80, -(byte & 0x7F), byte)
+
+
+def test_wgmma_fragments_and_layouts_give_exact_group_products():
+    """The wgmma GEMM's operands: weights (A, registers) from the file layout as weight_frags builds them,
+    activations (B, shared memory) in kernel A's byte order, k32 MMA v reading bytes 32v .. 32v+31 of the
+    group; with the PTX fragment of A (m64k32 8-bit: per warp as m16n8k32: a0/a1 rows gid / gid+8, k 4tid+b;
+    a2/a3 k 16+4tid+b) every 16-row x token block gets the exact integer group product. Also: the scale slot
+    the promotion reads for D's columns, and backends.cuda's decoding of both back to the spec's layouts."""
+    torch.manual_seed(7)
+    M, N, K = 16, 32, 128
+    for signed in (True, False):
+        a = torch.randint(-8, 8, (M, K)) if signed else torch.randint(0, 16, (M, K))
+        w = torch.randint(-8, 8, (N, K))
+        act = _wgmma_act_like_kernel_a(a, signed)
+        w_packed = numerics.pack_4bit(w)
+        for g in range(K // 64):
+            for w0 in range(0, N, 16):  # one warp's 16 weight rows
+                got = torch.zeros(16, M, dtype=torch.long)
+                for v in range(2):
+                    A = torch.zeros(16, 32, dtype=torch.long)
+                    for lane in range(32):
+                        gid, tid = lane // 4, lane % 4
+                        for hr in range(2):  # rows gid, gid + 8: the lane's 8 bytes, word v = bytes 4v .. 4v+3
+                            word = lane_words(w_packed, w0 + gid + 8 * hr, g, tid, lane16_run_k)[v]
+                            for b in range(4):
+                                lo = _e4m3_bytes_like_csrc((word >> (8 * b)) & 0xF, True)
+                                hi = _e4m3_bytes_like_csrc((word >> (8 * b + 4)) & 0xF, True)
+                                A[gid + 8 * hr, 4 * tid + b] = _e4m3_value_codes(torch.tensor(lo))
+                                A[gid + 8 * hr, 16 + 4 * tid + b] = _e4m3_value_codes(torch.tensor(hi))
+                    B = act[:, 64 * g + 32 * v:64 * g + 32 * v + 32].T
+                    got += A @ (_e4m3_value_codes(B) if signed else B)
+                want = w[w0:w0 + 16, 64 * g:64 * g + 64] @ a[:, 64 * g:64 * g + 64].T
+                assert torch.equal(got, want)
+        # backends.cuda's decoding gives back the codes (k order) and the file-layout packing.
+        codes, packed, _ = cuda_backend._e4m3_act_to_file_layout(act.to(torch.uint8), torch.zeros(2, M), signed)
+        assert torch.equal(codes.long(), a) and torch.equal(packed, numerics.pack_4bit(a))
+    # Scales: kernel A's slot (e4m3_scale_slot) of token i in a 16-block; the promotion reads the float4 at
+    # 16c + 4tid for D's columns (tokens) 16c + 2tid + e (.x, .y) and 16c + 8 + 2tid + e (.z, .w).
+    slot = [16 * (i // 16) + 4 * ((i % 16 >> 1) & 3) + 2 * ((i % 16) >> 3) + (i & 1) for i in range(32)]
+    assert sorted(slot) == list(range(32))
+    for c in range(2):
+        for tid in range(4):
+            want = [16 * c + 2 * tid, 16 * c + 2 * tid + 1, 16 * c + 8 + 2 * tid, 16 * c + 9 + 2 * tid]
+            assert [slot.index(16 * c + 4 * tid + q) for q in range(4)] == want
+    sx = torch.arange(2 * 32, dtype=torch.float32).view(2, 32)  # natural order: sx[g, token] = 32g + token
+    stored = torch.empty_like(sx)
+    stored[:, slot] = sx
+    assert torch.equal(cuda_backend._e4m3_act_to_file_layout(torch.zeros(32, 128, dtype=torch.uint8), stored,
+                                                             True)[2], sx)
 
 
 def test_mma_path_selection(monkeypatch):
     assert cuda_backend.default_mma_path((7, 5)) == "s4_m8n8k32"
     for capability in ((8, 0), (8, 6), (8, 7), (8, 9)):
         assert cuda_backend.default_mma_path(capability) == "s4_m16n8k64"
-    for capability in ((9, 0), (10, 0), (12, 0)):
+    assert cuda_backend.default_mma_path((9, 0)) == "e4m3_wgmma_sm90a"
+    for capability in ((10, 0), (12, 0)):
         assert cuda_backend.default_mma_path(capability) == "s8_m16n8k32"
     monkeypatch.delenv(cuda_backend.PATH_ENV, raising=False)
     monkeypatch.setattr(cuda_build, "device_arch", lambda device=None: "8.6")
     assert cuda_backend.mma_path("cuda:0").name == "s4_m16n8k64"
-    for name in cuda_backend.MMA_PATHS:  # all legal on sm_86
+    for name in cuda_backend.MMA_PATHS:  # all but the sm_90a one legal on sm_86
         monkeypatch.setenv(cuda_backend.PATH_ENV, name)
-        assert cuda_backend.mma_path("cuda:0").name == name
+        if name == "e4m3_wgmma_sm90a":
+            with pytest.raises(ValueError, match="e4m3_wgmma_sm90a needs a GPU of sm_90 or newer; cuda:0 is sm_86"):
+                cuda_backend.mma_path("cuda:0")
+        else:
+            assert cuda_backend.mma_path("cuda:0").name == name
+    monkeypatch.setattr(cuda_build, "device_arch", lambda device=None: "12.0")
+    monkeypatch.setenv(cuda_backend.PATH_ENV, "e4m3_wgmma_sm90a")
+    with pytest.raises(ValueError, match="e4m3_wgmma_sm90a runs on sm_90 GPUs only.*cuda:0 is sm_120"):
+        cuda_backend.mma_path("cuda:0")
+    # sm_90: the wgmma path by default, for the INT4 layers it takes; the others fall back to s8_m16n8k32.
+    monkeypatch.delenv(cuda_backend.PATH_ENV, raising=False)
+    monkeypatch.setattr(cuda_build, "device_arch", lambda device=None: "9.0")
+    for (N, K), name in (((3072, 3072), "e4m3_wgmma_sm90a"), ((200, 3072), "s8_m16n8k32"),
+                         ((3072, 320), "s8_m16n8k32"), ((128, 128), "e4m3_wgmma_sm90a")):
+        layer = SVDQW4A4Linear(K, N, 0, device="meta")
+        assert cuda_backend.layer_mma_path(layer, "cuda:0").name == name, (N, K)
+    monkeypatch.setenv(cuda_backend.PATH_ENV, "s8_m16n8k32")  # still selectable on sm_90
+    assert cuda_backend.layer_mma_path(SVDQW4A4Linear(3072, 3072, 0, device="meta"), "cuda:0").name == "s8_m16n8k32"
     monkeypatch.setattr(cuda_build, "device_arch", lambda device=None: "7.5")
     monkeypatch.setenv(cuda_backend.PATH_ENV, "s4_m16n8k64")
     with pytest.raises(ValueError, match="s4_m16n8k64 needs a GPU of sm_80 or newer; cuda:0 is sm_75"):
         cuda_backend.mma_path("cuda:0")
     monkeypatch.setenv(cuda_backend.PATH_ENV, "int4")
-    with pytest.raises(ValueError, match="not an MMA path; choose one of s8_m16n8k32, s4_m16n8k64, s4_m8n8k32"):
+    with pytest.raises(ValueError, match="not an MMA path; choose one of s8_m16n8k32, s4_m16n8k64, s4_m8n8k32, "
+                                         "e4m3_wgmma_sm90a"):
         cuda_backend.mma_path("cuda:0")
 
 
@@ -327,9 +447,10 @@ def test_arch_parsing_and_refusal():
     assert cuda_build._parse_archs("sm_120; 8.6,8.0") == ("8.0", "8.6", "12.0")
     assert cuda_build._parse_archs("all") == cuda_build.SUPPORTED_ARCHS
     assert cuda_build._parse_archs("75") == ("7.5",)
-    # sm_120 is built arch-specific (its block-scaled FP4 MMA needs sm_120a); the others are not.
-    assert cuda_build._gencode_flags(("9.0", "12.0")) == ["-gencode=arch=compute_90,code=sm_90",
-                                                          "-gencode=arch=compute_120a,code=sm_120a"]
+    # sm_90 and sm_120 are built arch-specific (wgmma needs sm_90a, the block-scaled FP4 MMA sm_120a).
+    assert cuda_build._gencode_flags(("8.9", "9.0", "12.0")) == ["-gencode=arch=compute_89,code=sm_89",
+                                                                 "-gencode=arch=compute_90a,code=sm_90a",
+                                                                 "-gencode=arch=compute_120a,code=sm_120a"]
     with pytest.raises(cuda_build.CudaBuildError, match="sm_70.*compute capability 7.5.*Supported: sm_75, sm_80"):
         cuda_build._parse_archs("7.0")
 
@@ -437,8 +558,8 @@ LINEAR_CASES = [
     # small and odd shapes: N not a multiple of the 128 tile, of 8, or even
     (5, 128, 64, 16, False, torch.bfloat16),
     (130, 200, 192, 7, False, torch.float16),
-    (17, 3, 64, 0, True, torch.bfloat16),
-    (64, 257, 320, 32, False, torch.bfloat16),
+    (17, 2, 64, 0, True, torch.bfloat16),
+    (64, 258, 320, 32, False, torch.bfloat16),
     (1000, 136, 256, 130, True, torch.float16),
 ]
 
@@ -493,7 +614,16 @@ def test_quantize_w4a4_layers(mma_path):
 
 
 @requires_cuda
-def test_prepared_copy_follows_buffer_changes(mma_path):
+def test_odd_out_features_are_refused_clearly(ext):
+    layer = make_layer(5, 64, 4)
+    with pytest.raises(NotImplementedError, match="even number of output features.*'reference' backend"):
+        layer(make_input((3,), 64, unsigned=False, dtype=torch.bfloat16))
+
+
+@requires_cuda
+def test_buffer_changes_are_seen(mma_path):
+    """The kernels read the layer's buffers themselves: in-place writes and replaced tensors (a LoRA
+    absorbed or its strength changed) are seen by the next call."""
     layer = make_layer(256, 256, 16)
     x = make_input((64,), 256, unsigned=False, dtype=torch.bfloat16)
     check_linear(layer, x)
@@ -508,10 +638,9 @@ def test_prepared_copy_follows_buffer_changes(mma_path):
 
 
 @requires_cuda
-def test_prepared_copy_follows_replaced_buffers_in_inference_mode(mma_path):
-    """ComfyUI samples under inference_mode (inference tensors have no version counter), and a LoRA
-    strength change replaces lora_up by a new tensor of the same shape, which the caching allocator
-    may place at the freed tensor's address."""
+def test_replaced_buffers_in_inference_mode(mma_path):
+    """ComfyUI samples under inference_mode, and a LoRA strength change replaces lora_up by a new
+    tensor of the same shape, which the caching allocator may place at the freed tensor's address."""
     layer = make_layer(256, 256, 16)
     x = make_input((64,), 256, unsigned=False, dtype=torch.bfloat16)
     with torch.inference_mode():
@@ -535,29 +664,42 @@ def test_repeatable(mma_path):
 
 @requires_cuda
 def test_forced_path_launches_its_kernels(mma_path):
-    """The forced path reaches the kernels: the s4 flavours share a layout, so only the launched
+    """The forced path reaches the kernels: the INT4 flavours share a layout, so only the launched
     template instantiation tells them apart."""
     layer = make_layer(256, 256, 16)
     x = make_input((64,), 256, unsigned=False, dtype=torch.bfloat16)
-    cuda_backend.forward(layer, x)  # build, prepare
+    cuda_backend.forward(layer, x)  # build
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         cuda_backend.forward(layer, x)
         torch.cuda.synchronize()
     names = [e.name for e in prof.events()]
     gemm = [n for n in names if "w4a4_gemm_kernel" in n]
     quant = [n for n in names if "quantize_act_lora_down_kernel" in n]
-    layout = {"interleaved": "InterleavedNibbleLayout", "native_s4": "NativeS4Layout"}[mma_path.layout]
-    assert gemm and all(FLAVOURS[mma_path.name] in n for n in gemm), names
-    assert quant and all(layout in n for n in quant), names
+    if mma_path is cuda_backend.WGMMA_PATH:
+        assert not gemm and any(WGMMA_KERNEL in n for n in names), names
+    else:
+        assert gemm and all(FLAVOURS[mma_path.name] in n for n in gemm), names
+    assert quant and all(mma_path.layout in n for n in quant), names
+    if mma_path is cuda_backend.WGMMA_PATH:  # a shape it does not take runs the s8 path's two kernels
+        layer = make_layer(192, 256, 16)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            check_linear(layer, x)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events()]
+        assert not any(WGMMA_KERNEL in n for n in names), names
+        assert any("w4a4_gemm_kernel" in n and "MmaS8m16n8k32" in n for n in names), names
+        assert any("quantize_act_lora_down_kernel" in n and "Lane16Layout" in n for n in names), names
 
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("unsigned", [False, True])
 def test_mma_paths_agree_bitwise(ext, monkeypatch, unsigned, dtype):
-    """Every path computes the same exact group sums and adds them in the same fp32 order."""
+    """Every path computes the same exact group sums and adds them in the same fp32 order (sm_90's wgmma
+    path included: the shape is one it takes)."""
     capability = torch.cuda.get_device_capability()
-    names = [p.name for p in cuda_backend.MMA_PATHS.values() if capability >= p.min_capability]
+    names = [p.name for p in cuda_backend.MMA_PATHS.values() if capability >= p.min_capability
+             and (not p.exact_capability or capability == p.min_capability)]
     if len(names) < 2:
         pytest.skip("one MMA path on this GPU")
     layer = make_layer(3072, 3072, 32, unsigned=unsigned, dtype=dtype)
@@ -607,10 +749,17 @@ def test_build_all_archs(tmp_path, monkeypatch):
         # Each arch's GEMM, for the path it runs by default, multiplies with the intended instruction
         # (native: an emulated s4 MMA would show as IMMA.*.S8 plus calls into an unpack routine).
         for arch in cuda_build.SUPPORTED_ARCHS:
-            sm = "sm_" + arch.replace(".", "")
+            sm = "sm_" + arch.replace(".", "") + ("a" if arch in cuda_build.ARCH_SPECIFIC else "")
             path = cuda_backend.default_mma_path(tuple(int(v) for v in arch.split(".")))
             sass = subprocess.run([cuobjdump, "-sass", "-arch", sm, str(so)], capture_output=True, text=True).stdout
             functions = {part.split()[0]: part for part in sass.split("Function : ")[1:]}
+            # sm_90's wgmma GEMM (bf16/fp16) multiplies on the FP8 warpgroup MMA; the other archs hold its
+            # empty stub. Its fallback, the s8 flavour, is checked below.
+            wgmma = [body for name, body in functions.items() if WGMMA_KERNEL in name]
+            assert len(wgmma) == 2, (sm, list(functions))
+            assert all((WGMMA_SASS in body) == (arch == "9.0") for body in wgmma), sm
+            if path == cuda_backend.WGMMA_PATH.name:
+                path = cuda_backend.WGMMA_FALLBACK
             gemms = {name: body for name, body in functions.items()
                      if "w4a4_gemm_kernel" in name and FLAVOURS[path] in name}
             assert len(gemms) == 4, (sm, list(functions))  # bf16/fp16 x signed/unsigned activations
@@ -637,8 +786,11 @@ def test_build_all_archs(tmp_path, monkeypatch):
             assert sum("w4a4_gemm_kernel" in n and flavour in n for n in names) == 4, (arch, names)
             # the MLP's fc1 variant (tests/test_cuda_mlp.py): bf16/fp16, signed input
             assert sum("w4a4_mlp_fc1_kernel" in n and flavour in n for n in names) == 2, (arch, names)
-        for layout in ("InterleavedNibbleLayout", "NativeS4Layout"):
-            assert sum("quantize_act_lora_down_kernel" in n and layout in n for n in names) == 4, (arch, names)
+        # one kernel A serves the three INT4 flavours: bf16/fp16 x signed/unsigned; the wgmma path's (built
+        # for every arch, plain CUDA) likewise, and its GEMM (bf16/fp16; an empty stub but on sm_90a)
+        assert sum("quantize_act_lora_down_kernel" in n and "Lane16Layout" in n for n in names) == 4, (arch, names)
+        assert sum("quantize_act_lora_down_kernel" in n and "Lane16E4M3Layout" in n for n in names) == 4, (arch, names)
+        assert sum(WGMMA_KERNEL in n for n in names) == 2, (arch, names)
         for flavour in NVFP4_FLAVOURS.values():  # bf16/fp16; E2M1 codes are signed
             assert sum("w4a4_gemm_kernel" in n and flavour in n for n in names) == 2, (arch, names)
         for layout in ("E2M1Layout", "E2M1NativeLayout"):

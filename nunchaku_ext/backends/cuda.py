@@ -1,21 +1,28 @@
 """The 'cuda' backend: SVDQuant W4A4 INT4 layers on our own kernels (csrc/, built just in time).
 
 Forward of a W4A4 layer, two launches (csrc/w4a4_int8.cu documents kernels and layouts):
-  1. quantize_act_lora_down: x -> 4-bit codes in the GEMM's fragment layout, fp32 group scales,
-     and lora_act = x . lora_downᵀ (fp32), in one read of x;
+  1. quantize_act_lora_down: x -> 4-bit codes (row-major, two per byte, as the file stores weights),
+     fp32 group scales, and lora_act = x . lora_downᵀ (fp32), in one read of x;
   2. w4a4_gemm: integer tensor-core GEMM over the 4-bit codes with the group rescale, the low-rank up
-     projection and the bias fused into it; output in x.dtype.
+     projection and the bias fused into it.
+
+The kernels read the layer's buffers as they are (the file layout, docs/format.md): a loaded model
+holds no second, repacked copy, so what ComfyUI counts is what the GPU holds, a LoRA absorbed into the
+low-rank branch costs nothing to "re-prepare", and a layer streamed to the GPU for one call (ComfyUI's
+low-VRAM mode) runs as it arrives. The kernels compute in the layer's 16-bit dtype: an input of the
+other 16-bit dtype is cast to it, and the output back (the spec reads the input in fp32, so this
+rounding of x is the one difference from it; ComfyUI builds our layers in its compute dtype, so its
+inputs already match).
 
 The GEMM's MMA instruction is picked per GPU (`mma_path`): native s4 `m8n8k32` on sm_75, native s4
 `m16n8k64` on sm_80/86/89, INT8 `m16n8k32` on the codes on sm_90/sm_120 (their s4 MMA is emulated).
-All give the same outputs; the path fixes the packed layout of the codes. $SVDQ_MMA_PATH forces one
-(the tests run the consumer-GPU paths on a Hopper GPU that way). NVFP4 layers take their own path
-(`nvfp4_mma_path`): on sm_120 the block-scaled FP4 MMA `m16n8k64 kind::mxf4nvf4` (csrc/w4a4_nvfp4_bs.cuh),
-on sm_80..sm_90 E2M1 codes x 2 as int8, INT8 `m16n8k16` per 16-group (csrc/w4a4_nvfp4.cuh).
-
-The layer's buffers stay in the file layout (the spec). This backend keeps a repacked copy per
-layer and device, made on first use with torch ops on the device and remade only when a source
-buffer changes (a new tensor, or an in-place write, which bumps the tensor's version counter).
+All give the same outputs. On sm_90 the default is the wgmma path instead (`e4m3_wgmma_sm90a`,
+csrc/w4a4_sm90a.cu: warpgroup MMAs on the codes as E4M3 bytes, its own kernel A layout and bindings, the same
+outputs bit for bit) for the INT4 layers it takes (N, K multiples of 128); the others, and the fused MLP
+pair, run on `s8_m16n8k32`. $SVDQ_MMA_PATH forces one (the tests run the consumer-GPU paths on a
+Hopper GPU that way). NVFP4 layers take their own path (`nvfp4_mma_path`): on sm_120 the block-scaled
+FP4 MMA `m16n8k64 kind::mxf4nvf4` (csrc/w4a4_nvfp4_bs.cuh), on sm_80..sm_90 E2M1 codes x 2 as int8,
+INT8 `m16n8k16` per 16-group (csrc/w4a4_nvfp4.cuh).
 
 W4A16 layers (the modulation linears) run on their own kernel: backends/cuda_w4a16.py.
 
@@ -31,14 +38,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import cuda_build
-from ..layers import BACKEND_STATE_ATTR
+from .. import numerics
 from ..numerics import INT4_GROUP, unpack_4bit
 
 log = logging.getLogger(__name__)
 
-BLOCK_M = 128  # the GEMM's block tile (csrc/w4a4_int8.h kGemmBlockM/N); padding of M and N
-BLOCK_N = 128
-_CACHE_ATTR = BACKEND_STATE_ATTR  # dropped by the layer when its buffers move (layers.py)
+BLOCK_M = 128  # the GEMM's block tile in M (csrc/w4a4_int8.h kGemmBlockM): padding of the activations
 
 
 # ------------------------------------------------------------------------------------------------
@@ -50,20 +55,31 @@ PATH_ENV = "SVDQ_MMA_PATH"  # forces a path where the GPU has its instruction (n
 @dataclass(frozen=True)
 class MmaPath:
     name: str              # the bindings' mma_path: the instruction's shape and operand type
-    layout: str            # packed layout of the codes: "interleaved" (INT8 MMA) or "native_s4"
+    layout: str            # which k of a 64-chunk each lane owns (csrc: the Layout struct kernel A is built for)
     min_capability: tuple  # the oldest GPU with the instruction
+    exact_capability: bool = False  # built arch-specific (sm_90a): runs on the min_capability GPUs only
 
+
+# sm_90's INT4 GEMM on warpgroup MMAs (csrc/w4a4_sm90a.cu: wgmma m64n192k32 e4m3 on the 4-bit codes as
+# E4M3 bytes, TMA, a persistent warp-specialized kernel; kernel A writes one code byte per value for it).
+# Its own bindings (quantize_act_sm90a, w4a4_gemm_sm90a); bit-identical outputs to the mma.sync paths. It
+# takes INT4 layers with N and K multiples of 128 (wgmma_takes); the other layers and the fused MLP pair
+# run on WGMMA_FALLBACK.
+WGMMA_PATH = MmaPath("e4m3_wgmma_sm90a", "Lane16E4M3Layout", (9, 0), exact_capability=True)
+WGMMA_FALLBACK = "s8_m16n8k32"
+WGMMA_BLOCK_N = WGMMA_BLOCK_K = 128  # csrc/w4a4_sm90a.h kSm90aBlockN / kSm90aBlockK
 
 MMA_PATHS = {p.name: p for p in (
-    MmaPath("s8_m16n8k32", "interleaved", (8, 0)),
-    MmaPath("s4_m16n8k64", "native_s4", (8, 0)),
-    MmaPath("s4_m8n8k32", "native_s4", (7, 5)),
+    MmaPath("s8_m16n8k32", "Lane16Layout", (8, 0)),
+    MmaPath("s4_m16n8k64", "Lane16Layout", (8, 0)),
+    MmaPath("s4_m8n8k32", "Lane16Layout", (7, 5)),
+    WGMMA_PATH,
 )}
 # NVFP4 layers (E2M1 codes, 16-wide groups): INT8 m16n8k16 on every GPU that has it, except sm_120,
 # whose block-scaled FP4 MMA (built for sm_120a only, cuda_build.ARCH_SPECIFIC) multiplies the codes
 # as they are and applies the group scales itself.
-NVFP4_PATH = MmaPath("e2m1_s8_m16n8k16", "e2m1", (8, 0))
-NVFP4_BLOCK_SCALED_PATH = MmaPath("e2m1_bs_m16n8k64", "e2m1_native", (12, 0))
+NVFP4_PATH = MmaPath("e2m1_s8_m16n8k16", "E2M1Layout", (8, 0))
+NVFP4_BLOCK_SCALED_PATH = MmaPath("e2m1_bs_m16n8k64", "E2M1NativeLayout", (12, 0))
 
 
 def default_mma_path(capability: tuple) -> str:
@@ -72,7 +88,9 @@ def default_mma_path(capability: tuple) -> str:
         return "s4_m8n8k32"   # Turing: no m16n8k64 s4, no m16n8k32 s8
     if capability < (9, 0):
         return "s4_m16n8k64"  # Ampere, Ada: twice the INT8 rate
-    return "s8_m16n8k32"      # Hopper, Blackwell: s4 mma.sync is emulated (DESIGN.md §5)
+    if capability == (9, 0):
+        return WGMMA_PATH.name  # Hopper: wgmma (sm_90a), 3-4x the mma.sync GEMM (docs/benchmarks.md)
+    return "s8_m16n8k32"      # Blackwell: s4 mma.sync is emulated (DESIGN.md §5)
 
 
 def mma_path(device) -> MmaPath:
@@ -85,7 +103,22 @@ def mma_path(device) -> MmaPath:
     if capability < path.min_capability:
         need = "sm_%d%d" % path.min_capability
         raise ValueError(f"{PATH_ENV}={name} needs a GPU of {need} or newer; {device} is sm_{capability[0]}{capability[1]}")
+    if path.exact_capability and capability != path.min_capability:
+        need = "sm_%d%d" % path.min_capability
+        raise ValueError(f"{PATH_ENV}={name} runs on {need} GPUs only (built arch-specific); {device} is "
+                         f"sm_{capability[0]}{capability[1]}")
     return path
+
+
+def wgmma_takes(layer) -> bool:
+    """Whether the sm_90a wgmma GEMM takes this layer: INT4, N and K multiples of its 128 x 128 tile."""
+    return (layer.precision == "int4" and layer.out_features % WGMMA_BLOCK_N == 0
+            and layer.in_features % WGMMA_BLOCK_K == 0)
+
+
+def _mma_sync_path(path: MmaPath) -> MmaPath:
+    """The mma.sync path that runs what `path` cannot: the wgmma path's fallback, else `path` itself."""
+    return MMA_PATHS[WGMMA_FALLBACK] if path is WGMMA_PATH else path
 
 
 def nvfp4_mma_path(capability: tuple) -> MmaPath:
@@ -98,9 +131,11 @@ def nvfp4_mma_path(capability: tuple) -> MmaPath:
 
 
 def layer_mma_path(layer, device) -> MmaPath:
-    """The path for this layer on `device`: nvfp4_mma_path for NVFP4 layers, else mma_path(device)."""
+    """The path for this layer on `device`: nvfp4_mma_path for NVFP4 layers, else mma_path(device), with
+    the wgmma path's fallback for the shapes it does not take (wgmma_takes)."""
     if layer.precision != "nvfp4":
-        return mma_path(device)
+        path = mma_path(device)
+        return path if path is not WGMMA_PATH or wgmma_takes(layer) else _mma_sync_path(path)
     return nvfp4_mma_path(tuple(int(v) for v in cuda_build.device_arch(device).split(".")))
 
 
@@ -118,180 +153,8 @@ def available() -> tuple:
         return False, str(e)
 
 
-# ------------------------------------------------------------------------------------------------
-# Weight repack: file layout -> fragment layout (once per layer and device)
-
-
 def _round_up(v, m):
     return (v + m - 1) // m * m
-
-
-def pack_weight_fragments(qweight: torch.Tensor, n_pad: int, layout: str) -> torch.Tensor:
-    """File-layout qweight uint8 [N, K/2] (low nibble = even k) -> int32 [N_pad/16, K/64, 32, 4].
-
-    For column pair p, group g and lane = 4*gid + tid, word 2*t + v holds
-    - layout "interleaved" (csrc/w4a4_int8.cu), for b = 0..3:
-        nibble 2b   = W[16p + 8t + gid, 64g + 32v      + 4tid + b]   (s8 mma B register b0)
-        nibble 2b+1 = W[16p + 8t + gid, 64g + 32v + 16 + 4tid + b]   (s8 mma B register b1)
-    - layout "native_s4" (csrc/w4a4_s4.cuh), for e = 0..7:
-        nibble e    = W[16p + 8t + gid, 64g + 32v + 8tid + e]         (s4 mma B register b_v)
-      i.e. 4 bytes of the file row as they are. "e2m1_native" (NVFP4 on sm_120,
-      csrc/w4a4_nvfp4_bs.cuh) is the same with E2M1 codes and K zero-padded to a multiple of 64.
-    Padded columns are zero codes."""
-    N, half_k = qweight.shape
-    K = half_k * 2
-    G = K // INT4_GROUP
-    if layout in ("native_s4", "e2m1_native"):
-        G = _round_up(K, INT4_GROUP) // INT4_GROUP  # NVFP4 K is a multiple of 16
-        rows = F.pad(qweight, (0, G * INT4_GROUP // 2 - half_k, 0, n_pad - N))
-        # n = 16p + 8t + gid ; byte k/2 = 32g + 16v + 4tid + c
-        b = rows.reshape(n_pad // 16, 2, 8, G, 2, 4, 4)  # p, t, gid, g, v, tid, c
-        b = b.permute(0, 3, 2, 5, 1, 4, 6)  # p, g, gid, tid, t, v, c
-        return b.contiguous().view(torch.int32).reshape(n_pad // 16, G, 32, 4)
-    if layout == "e2m1":
-        # The interleaved lanes and words, with nibble b of the low / high 16 bits = b0 / b1 register
-        # byte b (csrc/w4a4_nvfp4.cuh); K (a multiple of 16) zero-padded to a multiple of 64.
-        k64 = _round_up(K, INT4_GROUP)
-        nib = torch.nn.functional.pad(unpack_4bit(qweight, signed=False), (0, k64 - K, 0, n_pad - N))
-        nib = nib.view(n_pad // 16, 2, 8, k64 // 64, 2, 2, 4, 2, 2)  # p, t, gid, g, v, half, tid, b/2, b%2
-        nib = nib.permute(0, 3, 2, 6, 1, 4, 5, 7, 8).contiguous()  # p, g, gid, tid, t, v, half, b/2, b%2
-        packed = nib[..., 0] | (nib[..., 1] << 4)  # byte 2*half + b/2 of word 2t + v
-        return packed.reshape(n_pad // 16, k64 // 64, 32, 4, 4).contiguous().view(torch.int32).squeeze(-1)
-    if layout != "interleaved":
-        raise ValueError(f"unknown fragment layout {layout!r}")
-    nib = unpack_4bit(qweight, signed=False)  # uint8 [N, K], raw nibbles 0..15
-    if n_pad > N:
-        nib = torch.cat([nib, nib.new_zeros(n_pad - N, K)])
-    # n = 16p + 8t + gid ; k = 64g + 32v + 16half + 4tid + b
-    nib = nib.view(n_pad // 16, 2, 8, G, 2, 2, 4, 4)  # p, t, gid, g, v, half, tid, b
-    nib = nib.permute(0, 3, 2, 6, 1, 4, 7, 5).contiguous()  # p, g, gid, tid, t, v, b, half
-    packed = nib[..., 0] | (nib[..., 1] << 4)  # p, g, gid, tid, t, v, b : one byte per b
-    return packed.contiguous().view(torch.int32).reshape(n_pad // 16, G, 32, 4)
-
-
-def unpack_act_fragments(act_packed: torch.Tensor, M: int, unsigned: bool, layout: str) -> torch.Tensor:
-    """Inverse of the activation layout written by the quantize kernel: int32 [M_pad/16, K/64, 32, 4]
-    -> codes int8 [M, K] (the layout numerics.quantize_act_int4 returns). For tests.
-
-    For m16 tile mt, group g, lane = 4*gid + tid, word j:
-    - "interleaved", byte b: low nibble = code[16mt + gid, 64g + 16j + 4tid + b],
-                             high nibble = code[16mt + 8 + gid, same k];
-    - "native_s4" (word j = s4 mma register a_j), nibble e:
-                             code[16mt + 8(j%2) + gid, 64g + 32(j//2) + 8tid + e];
-      "e2m1_native" (NVFP4 on sm_120): the same places, E2M1 codes as uint8 [M, K64];
-    - "e2m1" (NVFP4), nibble b of the low / high 16 bits = code[16mt + gid / 16mt + 8 + gid,
-                             64g + 16j + 4tid + b]; E2M1 codes as uint8 [M, K64]."""
-    MT, G = act_packed.shape[:2]
-    raw = act_packed.contiguous().view(torch.uint8)
-    nib = torch.stack((raw & 0xF, raw >> 4), dim=-1)  # low, high nibble of each byte
-    if layout in ("native_s4", "e2m1_native"):
-        nib = nib.view(MT, G, 8, 4, 2, 2, 4, 2)  # mt, g, gid, tid, k half, row half, byte, nibble
-        codes = nib.permute(0, 5, 2, 1, 4, 3, 6, 7).reshape(MT * 16, G * INT4_GROUP)[:M]
-        if layout == "e2m1_native":
-            return codes
-    elif layout == "e2m1":
-        nib = nib.view(MT, G, 8, 4, 4, 2, 2, 2)  # mt, g, gid, tid, j, row half, b/2, b%2
-        return nib.permute(0, 5, 2, 1, 4, 3, 6, 7).reshape(MT * 16, G * INT4_GROUP)[:M]
-    elif layout == "interleaved":
-        nib = nib.view(MT, G, 8, 4, 4, 4, 2)  # mt, g, gid, tid, j, b, row half
-        codes = nib.permute(0, 6, 2, 1, 4, 3, 5).reshape(MT * 16, G * INT4_GROUP)[:M]
-    else:
-        raise ValueError(f"unknown fragment layout {layout!r}")
-    codes = codes.to(torch.int8)
-    if not unsigned:
-        codes = codes - (codes >= 8).to(torch.int8) * 16
-    return codes
-
-
-@dataclass
-class Prepared:
-    """One layer's operands in the kernels' layouts on one device."""
-
-    n_pad: int
-    rank: int
-    wgt_packed: torch.Tensor  # int32 [N_pad/16, K/64, 32, 4]
-    wgt_scales: torch.Tensor  # fp32 [K/64, N_pad] (NVFP4: [K64/16, N_pad])
-    alpha: float              # NVFP4: wtscale / 4 (the kernels' codes are E2M1 x 2; sm_120's sum x 4); INT4: 1
-    channel_scale: torch.Tensor  # NVFP4: wcscales, fp32 [N_pad]; INT4: None
-    bias: torch.Tensor        # fp32 [N_pad]
-    smooth: torch.Tensor      # fp32 [K]
-    lora_down: torch.Tensor   # fp32 [R, K]
-    lora_up: torch.Tensor     # fp32 [N_pad, R16]
-
-
-class _Sources:
-    """What a repacked copy was made from: the tensor objects themselves (a replaced buffer is a new
-    object even where the caching allocator reuses its address, so data_ptr cannot tell) and their
-    version counters (in-place writes; inference tensors have none, and cannot be written in place
-    outside inference mode, where ComfyUI samples)."""
-
-    def __init__(self, *tensors):
-        self.tensors = tensors
-        self.versions = tuple(None if t is None or t.is_inference() else t._version for t in tensors)
-
-    def __eq__(self, other):
-        return (isinstance(other, _Sources) and len(self.tensors) == len(other.tensors)
-                and all(a is b for a, b in zip(self.tensors, other.tensors)) and self.versions == other.versions)
-
-
-
-def _prepare_base(layer, device, layout):
-    N = layer.out_features
-    n_pad = _round_up(N, BLOCK_N)
-    qweight = layer.qweight.to(device)
-    wscales = layer.wscales.to(device).float()
-    scale_rows = _round_up(layer.in_features, INT4_GROUP) // layer.group_size  # NVFP4: K padded to 64
-    wgt_scales = torch.zeros(scale_rows, n_pad, dtype=torch.float32, device=device)
-    wgt_scales[:wscales.shape[0], :N] = wscales
-    alpha, channel_scale = 1.0, None
-    if layer.precision == "nvfp4":
-        alpha = float(layer.wtscale.float() / 4)  # one sync per prepare
-        channel_scale = torch.zeros(n_pad, dtype=torch.float32, device=device)
-        channel_scale[:N] = layer.wcscales.to(device).float()
-    bias = torch.zeros(n_pad, dtype=torch.float32, device=device)
-    if layer.bias is not None:
-        bias[:N] = layer.bias.to(device).float()
-    smooth = layer.smooth.to(device).float().contiguous()
-    return dict(n_pad=n_pad, wgt_packed=pack_weight_fragments(qweight, n_pad, layout), wgt_scales=wgt_scales,
-                alpha=alpha, channel_scale=channel_scale, bias=bias, smooth=smooth)
-
-
-def _prepare_lora(layer, device, n_pad):
-    N, R = layer.out_features, layer.rank
-    r16 = _round_up(R, 16)
-    lora_down = layer.lora_down.to(device).float().contiguous()
-    lora_up = torch.zeros(n_pad, r16, dtype=torch.float32, device=device)
-    lora_up[:N, :R] = layer.lora_up.to(device).float()
-    return dict(rank=R, lora_down=lora_down, lora_up=lora_up)
-
-
-def prepare(layer, device, path=None) -> Prepared:
-    """The layer's repacked operands on `device` for the MMA path (default: the device's), made once
-    and reused while its buffers and the path's layout are unchanged. The low-rank factors are keyed
-    separately, so absorbing a LoRA repacks only them."""
-    device = torch.device(device)
-    layout = (path or layer_mma_path(layer, device)).layout
-    cache = layer.__dict__.setdefault(_CACHE_ATTR, {})
-    # Keep one device's copy at a time: a layer moved to another GPU should not pin the old copy.
-    for other in [d for d in cache if d != device]:
-        del cache[other]
-    entry = cache.setdefault(device, {})
-    base_key = (layout, _Sources(layer.qweight, layer.wscales, layer.bias, layer.smooth,
-                                     getattr(layer, "wtscale", None), getattr(layer, "wcscales", None)))
-    if entry.get("base_key") != base_key:
-        entry["base"] = _prepare_base(layer, device, layout)
-        entry["base_key"] = base_key
-        entry.pop("lora_key", None)  # n_pad could change with the layer
-    lora_key = _Sources(layer.lora_down, layer.lora_up)
-    if entry.get("lora_key") != lora_key:
-        entry["lora"] = _prepare_lora(layer, device, entry["base"]["n_pad"])
-        entry["lora_key"] = lora_key
-    return Prepared(**entry["base"], **entry["lora"])
-
-
-def release(layer):
-    """Drop this layer's repacked copies (e.g. before offloading the model)."""
-    layer.__dict__.pop(_CACHE_ATTR, None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -305,63 +168,153 @@ def _check_input(layer, x):
         raise ValueError(f"the 'cuda' backend needs the input on a CUDA device, got {x.device}")
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"the 'cuda' backend takes bfloat16 or float16 input, got {x.dtype}")
+    if layer.out_features % 2:
+        raise NotImplementedError(f"the 'cuda' kernels need an even number of output features, this layer has "
+                                  f"{layer.out_features} (use the 'reference' backend for it)")
 
 
-def _rows(x, K):
-    x2 = x.reshape(-1, K)
+def _rows(x, K, dtype):
+    x2 = x.reshape(-1, K).to(dtype)
     # The quantize kernel reads 4 elements (8 bytes) at a time and takes any row stride divisible by 4.
     if x2.stride(-1) != 1 or x2.stride(0) % 4 or x2.data_ptr() % 8:
         x2 = x2.contiguous()
     return x2
 
 
-_POISON_WORD = -0x77777778  # int32 0x88888888: every nibble 8, a code the signed quantizer never writes
+def operand(t, device, dtype=None):
+    """A layer tensor as the kernels take it: on `device`, contiguous, 16-byte aligned, and (dtype
+    given) of that dtype — `t` itself when it already is (a loaded model's buffers are), else a copy
+    for this call only (a layer left on another device, a view, an unusual cast)."""
+    if t is None:
+        return None
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    if t.device != device:
+        t = t.to(device)
+    if not t.is_contiguous() or (t.numel() and t.data_ptr() % 16):
+        t = t.clone(memory_format=torch.contiguous_format)  # a fresh allocation: aligned
+    return t
+
+
+def layer_operands(layer, device) -> dict:
+    """The layer's tensors as w4a4_gemm's keyword arguments (see csrc/w4a4_ops.cpp)."""
+    dtype = layer.lora_up.dtype  # the layer's 16-bit dtype: its smooth, low-rank factors, bias, INT4 scales
+    nvfp4 = layer.precision == "nvfp4"
+    return dict(qweight=operand(layer.qweight, device), wscales=operand(layer.wscales, device, None if nvfp4 else dtype),
+                lora_up=operand(layer.lora_up, device), bias=operand(layer.bias, device, dtype),
+                wtscale=operand(layer.wtscale, device, torch.float32) if nvfp4 else None,
+                wcscales=operand(layer.wcscales, device, torch.float32) if nvfp4 else None)
+
+
+def _act_operands(layer, device):
+    """(smooth, lora_down) as kernel A takes them, in the layer's dtype."""
+    dtype = layer.lora_up.dtype
+    return operand(layer.smooth, device, dtype), operand(layer.lora_down, device, dtype)
+
+
+_POISON_BYTE = 0x88  # every nibble 8: a code the signed quantizer never writes
 
 
 def quantize_act(layer, x, poison=False):
     """Kernel A alone, unpacked to the spec's layouts (for tests): (codes int8 [M, K] (NVFP4: uint8
     E2M1 codes), scales fp32 [M, K/group], lora_act fp32 [M, rank], raw kernel outputs). poison=True
-    pre-fills the outputs with NaN / nibble-8 words so that an element the kernel does not write
+    pre-fills the outputs with NaN / nibble-8 bytes so that an element the kernel does not write
     cannot pass (nibble 8 is -0 in E2M1, which the NVFP4 quantizer never writes either)."""
     _check_input(layer, x)
-    x2 = _rows(x, layer.in_features)
+    x2 = _rows(x, layer.in_features, layer.lora_up.dtype)
     path = layer_mma_path(layer, x.device)
-    prep = prepare(layer, x.device, path)
     M, K = x2.shape
+    if path is WGMMA_PATH:
+        return _quantize_act_wgmma(layer, x2, poison)
     outs = {}
     if poison:
-        m_pad, G, r16 = _round_up(M, BLOCK_M), _round_up(K, INT4_GROUP) // INT4_GROUP, _round_up(prep.rank, 16)
+        m_pad, G, r16 = _round_up(M, BLOCK_M), _round_up(K, INT4_GROUP) // INT4_GROUP, _round_up(layer.rank, 16)
         scale_rows = G * INT4_GROUP // layer.group_size
         f32 = dict(dtype=torch.float32, device=x.device)
-        outs = dict(act_packed_out=torch.full((m_pad // 16, G, 32, 4), _POISON_WORD, dtype=torch.int32, device=x.device),
+        outs = dict(act_packed_out=torch.full((m_pad, G * INT4_GROUP // 2), _POISON_BYTE, dtype=torch.uint8,
+                                              device=x.device),
                     act_scales_out=torch.full((scale_rows, m_pad), float("nan"), **f32),
                     lora_act_out=torch.full((m_pad, r16), float("nan"), **f32))
     with torch.cuda.device(x.device):
-        act, scales, lora_act = extension().quantize_act_lora_down(x2, prep.smooth, prep.lora_down, layer.act_unsigned,
-                                                                   path.name, **outs)
-    return (unpack_act_fragments(act, M, layer.act_unsigned, path.layout)[:, :K],
-            scales.T[:M, :K // layer.group_size].contiguous(),
-            lora_act[:M, :prep.rank].contiguous(), (act, scales, lora_act))
+        act, scales, lora_act = extension().quantize_act_lora_down(x2, *_act_operands(layer, x.device),
+                                                                   layer.act_unsigned, path.name, **outs)
+    codes = unpack_4bit(act[:M], signed=layer.precision == "int4" and not layer.act_unsigned)
+    return (codes[:, :K], scales.T[:M, :K // layer.group_size].contiguous(), lora_act[:M, :layer.rank].contiguous(),
+            (act, scales, lora_act))
+
+
+def _e4m3_act_to_file_layout(act, act_scales, signed):
+    """The wgmma path's kernel A outputs -> (codes int16 [M_pad, K] in k order, the same codes packed as
+    kernel A's other layout packs them, uint8 [M_pad, K/2], scales fp32 [K/64, M_pad] in token order).
+    csrc/w4a4_sm90a.cu: byte = E4M3 code of q * 2^-9 (sign | magnitude; unsigned codes are the byte), at
+    position p = 32v + 16h + 4t + b of its 64-group for k = 16t + 8v + 2b + h; scale slot 16c + 4t + 2h + e
+    of token 16c + 8h + 2t + e. A byte the kernel never writes (0x88 = -8, or 136 unsigned) stays visible."""
+    b = act.to(torch.int16)
+    vals = torch.where(b >= 0x80, -(b & 0x7F), b) if signed else b
+    m_pad, K = act.shape
+    codes = vals.view(m_pad, K // 64, 2, 2, 4, 4).permute(0, 1, 4, 2, 5, 3).reshape(m_pad, K)  # (v,h,t,b) -> (t,v,b,h)
+    G = act_scales.shape[0]
+    scales = act_scales.view(G, m_pad // 16, 4, 2, 2).permute(0, 1, 3, 2, 4).reshape(G, m_pad)  # (t,h,e) -> (h,t,e)
+    return codes, numerics.pack_4bit(codes), scales
+
+
+def _quantize_act_wgmma(layer, x2, poison):
+    """quantize_act on the wgmma path: its kernel A, its outputs brought to the other paths' layouts."""
+    M, K = x2.shape
+    outs = {}
+    if poison:
+        m_pad, r16 = _round_up(M, BLOCK_M), _round_up(layer.rank, 16)
+        f32 = dict(dtype=torch.float32, device=x2.device)
+        outs = dict(act_out=torch.full((m_pad, K), _POISON_BYTE, dtype=torch.uint8, device=x2.device),
+                    act_scales_out=torch.full((K // INT4_GROUP, m_pad), float("nan"), **f32),
+                    lora_act_out=torch.full((m_pad, r16), float("nan"), **f32))
+    with torch.cuda.device(x2.device):
+        act, scales, lora_act = extension().quantize_act_sm90a(x2, *_act_operands(layer, x2.device),
+                                                               layer.act_unsigned, **outs)
+    signed = not layer.act_unsigned
+    codes, packed, scales = _e4m3_act_to_file_layout(act, scales, signed)
+    codes = codes[:M].to(torch.int8 if signed else torch.uint8)
+    return (codes, scales.T[:M].contiguous(), lora_act[:M, :layer.rank].contiguous(), (packed, scales, lora_act))
+
+
+def kernel_a(layer, x2, path):
+    """Kernel A of `path` on rows x2 [M, K] (the layer's dtype): (act, act_scales, lora_act) as kernel_b
+    takes them."""
+    ext, smooth_lora_down = extension(), _act_operands(layer, x2.device)
+    if path is WGMMA_PATH:
+        return ext.quantize_act_sm90a(x2, *smooth_lora_down, layer.act_unsigned)
+    return ext.quantize_act_lora_down(x2, *smooth_lora_down, layer.act_unsigned, path.name)
+
+
+def kernel_b(layer, quantized, M, path, out=None):
+    """The GEMM of `path` with its fused epilogue on kernel_a's outputs: y [M, N] in the layer's dtype,
+    written into `out` (contiguous [M, N]) if given."""
+    ext, ops = extension(), layer_operands(layer, quantized[0].device)
+    if path is not WGMMA_PATH:
+        return ext.w4a4_gemm(*quantized, M=M, act_unsigned=layer.act_unsigned, mma_path=path.name, out=out, **ops)
+    del ops["wtscale"], ops["wcscales"]  # INT4 only
+    if out is not None and out.data_ptr() % 16:  # the wgmma GEMM stores 16 bytes at a time
+        return out.copy_(ext.w4a4_gemm_sm90a(*quantized, M=M, **ops))
+    return ext.w4a4_gemm_sm90a(*quantized, M=M, out=out, **ops)
 
 
 def forward(layer, x, out=None):
     """w4a4_linear with an optional preallocated output (contiguous, x.shape[:-1] + (N,), x.dtype)."""
     _check_input(layer, x)
     K, N = layer.in_features, layer.out_features
-    x2 = _rows(x, K)
+    dtype = layer.lora_up.dtype
+    x2 = _rows(x, K, dtype)
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*x.shape[:-1], N)
+    direct = out is not None and x.dtype == dtype  # else the kernel's output is cast into `out`
     with torch.cuda.device(x.device):
-        ext = extension()
         path = layer_mma_path(layer, x.device)
-        prep = prepare(layer, x.device, path)
-        act, act_scales, lora_act = ext.quantize_act_lora_down(x2, prep.smooth, prep.lora_down, layer.act_unsigned,
-                                                               path.name)
-        y = ext.w4a4_gemm(act, act_scales, lora_act, prep.wgt_packed, prep.wgt_scales, prep.lora_up, prep.bias,
-                          M, N, layer.act_unsigned, path.name, x.dtype, None if out is None else out.view(M, N),
-                          alpha=prep.alpha, channel_scale=prep.channel_scale)
-    return y.reshape(*x.shape[:-1], N)
+        y = kernel_b(layer, kernel_a(layer, x2, path), M, path, out.view(M, N) if direct else None)
+    y = y.reshape(*x.shape[:-1], N)
+    if out is not None and not direct:
+        return out.copy_(y)
+    return y.to(x.dtype)
 
 
 def w4a4_linear(layer, x):
@@ -387,16 +340,35 @@ def mlp_fusable(fc1, fc2) -> bool:
 def _mlp_fc2_input(fc1, fc2, x2, path, outs):
     """Kernel A on x, then fc1's GEMM with the fused epilogue: fc2's GEMM operands (act, scales, lora_act)."""
     ext = extension()
-    p1, p2 = prepare(fc1, x2.device, path), prepare(fc2, x2.device, path)
-    act, scales, lora_act = ext.quantize_act_lora_down(x2, p1.smooth, p1.lora_down, False, path.name)
-    return ext.w4a4_mlp_fc1(act, scales, lora_act, p1.wgt_packed, p1.wgt_scales, p1.lora_up, p1.bias, x2.shape[0],
-                            fc1.out_features, path.name, x2.dtype, p2.smooth, p2.lora_down, **outs)
+    dev = x2.device
+    act, scales, lora_act = ext.quantize_act_lora_down(x2, *_act_operands(fc1, dev), False, path.name)
+    ops1 = layer_operands(fc1, dev)
+    del ops1["wtscale"], ops1["wcscales"]  # INT4 only
+    return ext.w4a4_mlp_fc1(act, scales, lora_act, M=x2.shape[0], mma_path=path.name, **ops1,
+                            smooth2=_act_operands(fc2, dev)[0], lora_down2=_act_operands(fc2, dev)[1], **outs)
 
 
 def _check_pair(fc1, fc2, x):
     if fc1.out_features != fc2.in_features:
         raise ValueError(f"fc1 has {fc1.out_features} outputs but fc2 takes {fc2.in_features} inputs")
+    if fc1.lora_up.dtype != fc2.lora_up.dtype:
+        raise TypeError(f"fc1 and fc2 must have one dtype, got {fc1.lora_up.dtype} and {fc2.lora_up.dtype}")
     _check_input(fc1, x)
+    _check_input(fc2, x.new_empty(0, fc2.in_features))
+
+
+# The fused MLP kernels are mma.sync ones. Where the two linears would run on the wgmma path (sm_90),
+# they are faster from some M on: H200, 2026-11-22, FLUX's img/txt MLP (3072 -> 12288 -> 3072, rank 32),
+# fused 3.67 ms vs two linears 2.11 ms at M = 4096, but fused 0.70 ms vs 0.94 ms at M = 512
+# (bench/bench_mlp.py). So on that path the pair is fused up to this many rows, the largest measured win.
+FUSED_MLP_MAX_ROWS_BESIDE_WGMMA = 512
+
+
+def _fused_mlp_pays(fc1, fc2, x2) -> bool:
+    """Whether the fused kernels beat the pair as two linears on x2's device for its number of rows."""
+    if WGMMA_PATH not in (layer_mma_path(fc1, x2.device), layer_mma_path(fc2, x2.device)):
+        return True
+    return x2.shape[0] <= FUSED_MLP_MAX_ROWS_BESIDE_WGMMA
 
 
 def mlp_w4a4(fc1, fc2, x, out=None):
@@ -404,40 +376,45 @@ def mlp_w4a4(fc1, fc2, x, out=None):
     x.dtype). Fusable pairs: 3 launches (kernel A, fc1 + GELU + fc2's input, fc2's GEMM) plus the fixed-order
     sum of fc2's low-rank product when fc2 has a rank; others: two linears."""
     _check_pair(fc1, fc2, x)
-    if not mlp_fusable(fc1, fc2):
-        return forward(fc2, F.gelu(forward(fc1, x), approximate="tanh"), out=out)
-    x2 = _rows(x, fc1.in_features)
+    dtype = fc1.lora_up.dtype
+    x2 = _rows(x, fc1.in_features, dtype)
     M, N = x2.shape[0], fc2.out_features
+    if not mlp_fusable(fc1, fc2) or not _fused_mlp_pays(fc1, fc2, x2):
+        return forward(fc2, F.gelu(forward(fc1, x), approximate="tanh"), out=out)
     if M == 0:
         return x.new_empty(*x.shape[:-1], N)
+    direct = out is not None and x.dtype == dtype
     with torch.cuda.device(x.device):
-        path = mma_path(x.device)
+        path = _mma_sync_path(mma_path(x.device))  # the fused kernels are mma.sync ones
         act, scales, lora_act = _mlp_fc2_input(fc1, fc2, x2, path, {})
-        p2 = prepare(fc2, x.device, path)
-        y = extension().w4a4_gemm(act, scales, lora_act, p2.wgt_packed, p2.wgt_scales, p2.lora_up, p2.bias, M, N,
-                                  True, path.name, x.dtype, None if out is None else out.view(M, N))
-    return y.reshape(*x.shape[:-1], N)
+        y = extension().w4a4_gemm(act, scales, lora_act, M=M, act_unsigned=True, mma_path=path.name,
+                                  out=out.view(M, N) if direct else None, **layer_operands(fc2, x.device))
+    y = y.reshape(*x.shape[:-1], N)
+    if out is not None and not direct:
+        return out.copy_(y)
+    return y.to(x.dtype)
 
 
 def mlp_fc2_input(fc1, fc2, x, poison=False):
-    """The fused fc1 kernel alone, unpacked (for tests): (h [M, N1] in x.dtype as the kernel computed
-    it, fc2's input codes uint8 [M, N1], scales fp32 [M, N1/64], lora_act2 fp32 [M, rank2], raw kernel
-    outputs). poison=True pre-fills every output with NaN / nibble-8 words (see tests/test_cuda_mlp.py)."""
+    """The fused fc1 kernel alone, unpacked (for tests): (h [M, N1] in the layers' dtype as the kernel
+    computed it, fc2's input codes uint8 [M, N1], scales fp32 [M, N1/64], lora_act2 fp32 [M, rank2], raw
+    kernel outputs). poison=True pre-fills every output with NaN / nibble-8 bytes (see tests/test_cuda_mlp.py)."""
     _check_pair(fc1, fc2, x)
     if not mlp_fusable(fc1, fc2):
         raise ValueError("the fused MLP kernel takes an INT4 pair with fc1 signed and fc2 unsigned")
-    x2 = _rows(x, fc1.in_features)
+    dtype = fc1.lora_up.dtype
+    x2 = _rows(x, fc1.in_features, dtype)
     M, N1 = x2.shape[0], fc1.out_features
-    path = mma_path(x.device)
+    path = _mma_sync_path(mma_path(x.device))
     m_pad, r16 = _round_up(M, BLOCK_M), _round_up(fc2.rank, 16)
     fill = float("nan") if poison else 0.0
     f32 = dict(dtype=torch.float32, device=x.device)
-    outs = dict(act2_packed_out=torch.full((m_pad // 16, N1 // INT4_GROUP, 32, 4), _POISON_WORD if poison else 0,
-                                           dtype=torch.int32, device=x.device),
+    outs = dict(act2_packed_out=torch.full((m_pad, N1 // 2), _POISON_BYTE if poison else 0, dtype=torch.uint8,
+                                           device=x.device),
                 act2_scales_out=torch.full((N1 // INT4_GROUP, m_pad), fill, **f32),
                 lora_act2_out=torch.full((m_pad, r16), fill, **f32),
-                hidden_out=torch.full((M, N1), fill, dtype=x.dtype, device=x.device))
+                hidden_out=torch.full((M, N1), fill, dtype=dtype, device=x.device))
     with torch.cuda.device(x.device):
         act, scales, lora_act = _mlp_fc2_input(fc1, fc2, x2, path, outs)
-    return (outs["hidden_out"], unpack_act_fragments(act, M, True, path.layout), scales.T[:M].contiguous(),
+    return (outs["hidden_out"], unpack_4bit(act[:M], signed=False), scales.T[:M].contiguous(),
             lora_act[:M, :fc2.rank].contiguous(), (act, scales, lora_act))

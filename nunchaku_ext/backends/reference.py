@@ -68,3 +68,13 @@ def w4a16_linear(layer, x):
     if layer.bias is not None:
         y += layer.bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+
+
+def mlp_w4a4(fc1, fc2, x, out=None):
+    """fc2(GELU_tanh(fc1(x))), the MLP pair's spec (backends/reference_mlp.py), with an optional
+    preallocated output as backends.cuda.mlp_w4a4 takes. This backend has no `mlp_fusable`: it does
+    not fuse, and layers.SVDQMLP runs its children (the same numbers) instead of calling this."""
+    from . import reference_mlp  # it imports this module
+
+    y = reference_mlp.mlp_w4a4(fc1, fc2, x)
+    return y if out is None else out.copy_(y)

@@ -5,7 +5,8 @@ pytest), e.g.  COMFYUI_DIR=~/ComfyUI ~/ComfyUI/venv/bin/python -m pytest tests/i
 
 The session builds a ComfyUI base directory (--base-directory) in a temporary folder: this pack
 linked into its custom_nodes/, random tiny models in its models/, then starts ComfyUI headless on
-the CPU and talks to it over HTTP on 127.0.0.1.
+the CPU (on the GPU with SVDQ_COMFY_SERVER_DEVICE=gpu) and talks to it over HTTP on 127.0.0.1.
+test_comfyui_gpu.py runs ComfyUI inside the pytest process instead (comfy_inprocess.py), on the GPU.
 """
 import json
 import os
@@ -39,7 +40,11 @@ def comfy_base(tmp_path_factory):
     sys.path.insert(0, COMFYUI_DIR)
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True  # the models are made with ComfyUI's classes, on the CPU
+    # The models are made with ComfyUI's classes, on the CPU. ComfyUI's device state is fixed when
+    # comfy.model_management is first imported (here): on a machine with CUDA it is the GPU, for the
+    # in-process GPU tests (test_comfyui_gpu.py); elsewhere --cpu, as a CUDA build of torch on a
+    # machine without a GPU needs.
+    comfy.cli_args.args.cpu = not torch.cuda.is_available()
     from safetensors.torch import save_file
 
     from nunchaku_ext.format import save_checkpoint
@@ -129,8 +134,10 @@ def comfy(comfy_base):
     port = _free_port()
     log_path = comfy_base / "comfyui.log"
     log = open(log_path, "w")
+    # SVDQ_COMFY_SERVER_DEVICE=gpu: the server on ComfyUI's default device (the GPU) instead of --cpu.
+    device = [] if os.environ.get("SVDQ_COMFY_SERVER_DEVICE") == "gpu" else ["--cpu"]
     proc = subprocess.Popen(
-        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+        [sys.executable, "main.py", *device, "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
          "--base-directory", str(comfy_base), "--database-url", "sqlite:///:memory:"],
         cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT)
     client = ComfyClient(f"http://127.0.0.1:{port}", comfy_base, log_path)

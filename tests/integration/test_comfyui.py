@@ -1,8 +1,13 @@
 """The node pack in a real ComfyUI (headless, CPU): import, /object_info, and each workflow's API graph
 run with the tiny models, once through BF16 UNETLoader and once through our loader (reference
 backend), with and without stock LoRA nodes. Outputs are compared as latents (cosine) and as
-decoded images (PSNR); numbers are printed in the session summary."""
+decoded images (PSNR); numbers are printed in the session summary. One test loads a model in this
+process (the pack imported as ComfyUI imports it) to look at the modules our loader puts in place."""
 import copy
+import importlib
+import importlib.util
+import sys
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -258,3 +263,115 @@ def test_nunchaku_checkpoint_with_a_lora_on_split_linears_matches_bf16(comfy):
     assert with_lora >= MIN_COSINE_LORA
     assert with_lora > vs_plain + 0.1
     assert vs_ours >= MIN_COSINE_SAME_WEIGHTS
+
+
+@pytest.fixture(scope="module")
+def pack(comfy_base):
+    """This node pack imported in this process the way ComfyUI imports it (a package from
+    custom_nodes/, after `comfy`; comfy_base put ComfyUI on sys.path, on the CPU): its nodes.loader
+    and nodes.ops."""
+    from conftest import REPO
+
+    name = "comfyui_svdquant_pack"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"{name}.nodes.loader"), importlib.import_module(f"{name}.nodes.ops")
+
+
+def _flux_inputs():
+    g = torch.Generator().manual_seed(0)
+    return dict(x=torch.randn(1, 16, 8, 8, generator=g).bfloat16(), timestep=torch.tensor([0.7]),
+                context=torch.randn(1, 5, 768, generator=g).bfloat16(), y=torch.randn(1, 768, generator=g).bfloat16(),
+                guidance=torch.tensor([3.5]))
+
+
+class _Wrapped(torch.nn.Module):
+    """What a user's object patch might put in place of a layer."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def test_loaded_model_runs_its_double_block_mlps_through_the_fused_module(comfy_base, pack, monkeypatch):
+    """The loader swaps the double blocks' img_mlp / txt_mlp for ComfySVDQMLP (same children, names and
+    keys), the model's output is what the plain Sequentials give, and the fused call is taken exactly
+    where it applies: with the 'cuda' backend's dispatch (its kernels stood in for by the reference
+    backend, as there is no GPU here) on a fully loaded model, and not in ComfyUI's low-VRAM mode nor
+    past an object patch on a layer."""
+    import comfy.lora
+
+    from nunchaku_ext.backends import cuda as cuda_backend
+    from nunchaku_ext.backends import reference, reference_mlp
+
+    loader, ops = pack
+    patcher = loader.load_svdquant_flux(str(comfy_base / "models" / "diffusion_models" / "tiny-flux-svdq-int4.safetensors"),
+                                        backend="reference", device="cpu")
+    dm = patcher.model.diffusion_model
+    mlps = {n: m for n, m in dm.named_modules() if isinstance(m, ops.ComfySVDQMLP)}
+    assert sorted(mlps) == ["double_blocks.0.img_mlp", "double_blocks.0.txt_mlp"]
+    lora_keys = set(comfy.lora.model_lora_keys_unet(patcher.model, {}).values())
+    state = patcher.model_state_dict()
+    for name, mlp in mlps.items():
+        assert list(mlp._modules) == ["0", "1", "2"]
+        assert isinstance(mlp[0], ops.ComfySVDQW4A4Linear) and isinstance(mlp[2], ops.ComfySVDQW4A4Linear)
+        assert mlp[2].act_unsigned and mlp[0].backend == mlp[2].backend == "reference"
+        for i in ("0", "2"):  # the keys ComfyUI's LoRA mapping and ModelPatcher use
+            assert f"diffusion_model.{name}.{i}.weight" in lora_keys
+            assert f"diffusion_model.{name}.{i}.qweight" in state
+    assert not [n for n, m in dm.named_modules() if type(m) is torch.nn.Sequential and len(m) == 3]
+
+    def run():
+        with torch.inference_mode():
+            return dm(**_flux_inputs())
+
+    base = run()
+    # The Sequentials put back: the same output (the reference backend runs the children either way).
+    for name, mlp in mlps.items():
+        parent, _, child = name.rpartition(".")
+        setattr(dm.get_submodule(parent), child, torch.nn.Sequential(OrderedDict(mlp._modules)))
+    assert torch.equal(run(), base)
+    for name, mlp in mlps.items():
+        parent, _, child = name.rpartition(".")
+        setattr(dm.get_submodule(parent), child, mlp)
+
+    # The MLP layers on the 'cuda' backend, whose kernels the reference backend stands in for here.
+    calls = []
+
+    def mlp_w4a4(fc1, fc2, x, out=None):
+        calls.append(fc1)
+        return reference_mlp.mlp_w4a4(fc1, fc2, x)
+
+    monkeypatch.setattr(cuda_backend, "w4a4_linear", reference.w4a4_linear)
+    monkeypatch.setattr(cuda_backend, "mlp_w4a4", mlp_w4a4)
+    for mlp in mlps.values():
+        mlp[0].backend = mlp[2].backend = "cuda"
+    cpu = torch.device("cpu")
+    try:
+        patcher.patch_model(cpu)  # a full load
+        assert torch.equal(run(), base)
+        assert calls == [mlps["double_blocks.0.img_mlp"][0], mlps["double_blocks.0.txt_mlp"][0]]
+        patcher.unpatch_model(cpu)
+
+        calls.clear()
+        patcher.patch_model(cpu, lowvram_model_memory=1)  # low VRAM: every layer streamed per call
+        assert all(m[0].comfy_cast_weights and m[2].comfy_cast_weights for m in mlps.values())
+        assert torch.equal(run(), base) and calls == []
+        patcher.unpatch_model(cpu)
+        assert not any(m[0].comfy_cast_weights or m[2].comfy_cast_weights for m in mlps.values())
+
+        img_fc2 = mlps["double_blocks.0.img_mlp"][2]
+        patcher.add_object_patch("diffusion_model.double_blocks.0.img_mlp.2", _Wrapped(img_fc2))
+        patcher.patch_model(cpu)
+        assert torch.equal(run(), base) and calls == [mlps["double_blocks.0.txt_mlp"][0]]
+        patcher.unpatch_model(cpu)
+        assert mlps["double_blocks.0.img_mlp"][2] is img_fc2
+    finally:
+        for mlp in mlps.values():
+            mlp[0].backend = mlp[2].backend = "reference"

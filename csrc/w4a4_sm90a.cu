@@ -1,0 +1,536 @@
+// SVDQuant W4A4 linear on sm_90a (H100 / H200): the INT4 GEMM on warpgroup MMAs (wgmma), FP8 E4M3.
+//
+//   y[m,n] = sum_g (sum_{k in g} qx[m,k] * qw[n,k]) * sx[m,g] * sw[g,n]    exact per group, fp32 sum
+//          + sum_r lora_act[m,r] * lora_up[n,r]                            low-rank branch, fp32
+//          + bias[n]                                                       one rounding to T
+//
+// Same operands, same arithmetic as the mma.sync path (w4a4_int8.cu, kernel B): every group's dot
+// product is exact, and it is scaled and summed in fp32 in the same order with the same roundings, so
+// the outputs are bit-identical to it (see "Numerics"). Kernel A of this path is w4a4_int8.cu's
+// quantize_act_lora_down_kernel with Lane16E4M3Layout: the same codes and scales, stored for this GEMM.
+//
+// Why wgmma, and why E4M3. On sm_90 mma.sync reaches ~1290 TOPS s8 in a register-only loop but the
+// mma.sync GEMM of w4a4_int8.cu reaches ~0.2-0.27x bf16 cuBLAS on the FLUX shapes; the warpgroup MMA
+// with TMA-fed shared memory is the Hopper way to keep the tensor cores busy. wgmma has no int4 type;
+// it has s8 (int32 accumulate) and e4m3 (fp32 accumulate) at the same rate. A 4-bit code q (signed
+// [-8, 7], or unsigned [0, 15] for the shifted-GELU inputs) is exactly representable as an E4M3
+// *subnormal / first-binade* value q * 2^-9: byte 0x00..0x0F = 0..15 * 2^-9, sign in bit 7. Products
+// are q * q' * 2^-18 and a 64-group's sum is an integer times 2^-18 with |sum| <= 64 * 15 * 8 = 7680
+// < 2^13: exact in the tensor core's fp32 accumulation (the mma's D is fresh for every group, so no
+// larger value is ever in the accumulator). E4M3 beats s8 here because the group sum comes out as a
+// float: the promotion is one FMUL + one FFMA per accumulator instead of I2F + FMUL + FFMA.
+//
+// ------------------------------------------------------------------------------------------------
+// Operand layouts (T = bf16 or fp16, the layer's dtype)
+//   qw       uint8 [N, K/2]   the layer's qweight, file layout: byte j of row n = codes k = 2j (low nibble),
+//                             2j+1 (high), two's complement. Read in place by TMA.
+//   sw       T [K/64, N]      the layer's wscales, file layout.
+//   act      uint8 [M_pad, K] one E4M3 code byte per value (kernel A), k permuted inside each 64-group:
+//                             act[m, 64g + p] = code(qx[m, 64g + pi(p)]),
+//                             p = 32v + 16h + 4t + b  ->  pi(p) = 16t + 8v + 2b + h  (v, h in 0..1; t, b in 0..3)
+//   sx       fp32 [K/64, M_pad]  tokens permuted inside each 16-block:
+//                             sx[g, 16c + 4t + 2h + e] = scale of token 16c + 8h + 2t + e
+//   lora_act fp32 [M_pad, R16], lora_up T [N, R], bias T [N] or none, y T [M, N] row-major.
+//   M_pad % 16 == 0 (rows >= M hold zero codes and scales); N % 128 == 0; K % 128 == 0.
+//
+// Why these permutations. The GEMM is computed transposed: wgmma's M (64 rows per consumer warpgroup)
+// is the weight rows n, its N (192) the tokens m. The weights are the A operand, from REGISTERS: wgmma's
+// A fragment of m64k32 8-bit (PTX ISA "wgmma .m64nNk32 register fragment A") gives lane (gid, tid) of
+// warp w rows 16w + gid (+8), k 4tid + b (registers a0/a1) and 16 + 4tid + b (a2/a3). A lane loads the
+// 8 bytes (16 nibbles) of k 16tid .. 16tid+15 of its row and group straight from the checkpoint layout
+// (conflict-free LDS.64 from the TMA tile) and splits them like w4a4_int8.cu's INT8 flavour: the even
+// nibbles (k = 16tid + 8v + 2b) into k32-MMA v's a0/a1 slot b, the odd ones (k + 1) into a2/a3. So MMA
+// v's k-slot 16h + 4t + b holds k = 16t + 8v + 2b + h: pi above. The activations are the B operand, from
+// 128B-swizzled shared memory (TMA box {128 bytes, 192 tokens}), in that order: kernel A writes it.
+// The accumulator fragment gives lane (gid, tid) tokens 8j + 2tid + e (j = 0..23, e = 0..1); its
+// scales, tokens 16c + 2tid + e and 16c + 8 + 2tid + e, are the four consecutive floats at 16c + 4tid in
+// the permuted sx: one LDS.128 per 16 tokens.
+//
+// ------------------------------------------------------------------------------------------------
+// Kernel structure: persistent, warp-specialized, 384 threads = 3 warpgroups, one CTA per SM.
+//   WG0  producer: one thread issues the TMA loads of each K step (128 k = two 64-groups) into a ring of
+//        kStages stages (mbarrier "full" with the byte count, "empty" arrived by the 8 consumer warps);
+//        setmaxnreg gives its registers to the consumers.
+//   WG1, WG2  consumers: CTA tile 128 weight rows x 192 tokens, 64 rows each. Per group: unpack the
+//        weight fragments (nibbles -> E4M3 bytes, integer ops), two wgmma m64n192k32 into a fresh fp32 D,
+//        wait, then acc = fma(D * sx, sw * 2^18, acc) for the 96 accumulators (the promotion).
+//        The two consumer warpgroups take turns issuing their wgmmas (ping-pong, named barriers 3 / 4),
+//        so that one's promotion overlaps the other's MMAs.
+//   Epilogue per consumer warpgroup: + lora_act . lora_up^T (fp32 FMA on CUDA cores, 16 ranks at a
+//        time staged in shared memory), + bias, one rounding to T, stmatrix.trans into a staging tile
+//        [192 tokens][64 rows], 16-byte coalesced stores of rows m < M.
+// Tiles are walked m-fastest (tile % m_tiles), so CTAs running at the same time share weight columns.
+//
+// Numerics (same as kernel B of w4a4_int8.cu, bit for bit):
+//   acc_g = fl(fl(s_g * sx) * sw + acc_{g-1}) in group order g = 0 .. G-1 (kernel B: fmaf(float(sum) * sx,
+//   sw, acc)). Here D = s_g * 2^-18 exactly, fl(D * sx) = fl(s_g * sx) * 2^-18 exactly (a power-of-two
+//   scaling; it would differ only if s_g * sx * 2^-18 fell below 2^-126, i.e. activation scales below
+//   ~2^-95), and sw * 2^18 is exact, so fma(fl(D * sx), sw * 2^18, acc) is kernel B's fma.
+//   Then acc = fma(lora_act[m, r], lora_up[n, r], acc) for r = 0 .. R-1 in order, + bias, one rounding.
+//
+// Constraints (the host falls back to w4a4_int8.cu's path otherwise, nunchaku_ext/backends/cuda.py):
+// sm_90 only (built as sm_90a: wgmma and setmaxnreg are arch-specific), INT4 layers, N % 128 == 0,
+// K % 128 == 0. The other archs compile this file's kernel to an empty stub that is never launched.
+// ------------------------------------------------------------------------------------------------
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include <type_traits>
+
+#include "w4a4_sm90a.h"
+
+// wgmma, setmaxnreg and the arch-specific features exist in the sm_90a compilation pass only.
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define SVDQ_SM90A_DEVICE 1
+#else
+#define SVDQ_SM90A_DEVICE 0
+#endif
+
+namespace svdq {
+namespace sm90a {
+
+constexpr int kBlockN = kSm90aBlockN;  // weight rows per CTA tile (64 per consumer warpgroup)
+constexpr int kBlockM = 192;           // tokens per CTA tile: wgmma N
+constexpr int kBlockK = kSm90aBlockK;  // k per pipeline stage: two 64-groups
+constexpr int kStages = 4;
+constexpr int kThreads = 384;          // producer warpgroup + 2 consumer warpgroups
+constexpr int kAccs = kBlockM / 2;     // fp32 accumulators per consumer thread (m64n192: 96)
+constexpr int kLoraChunk = 16;         // ranks staged in shared memory at a time
+
+// Shared memory, per stage: activation codes [192][128 B] (128B-swizzled), weight codes [2 groups][128
+// rows][32 B], sx [2][192] fp32, sw [2][128] T. Then per consumer warpgroup one staging area: the
+// low-rank chunk (la [16][192 + 4] fp32, up [64][16 + 1] fp32) and, after it, the output tile [192][64 + 8] T.
+constexpr int kActBytes = kBlockM * kBlockK;
+constexpr int kWBytes = kBlockN * kBlockK / 2;
+constexpr int kSxBytes = 2 * kBlockM * 4;
+constexpr int kSwBytes = 2 * kBlockN * 2;
+constexpr int kStgRow = 64 + 8;  // T per output staging row (64 weight rows + pad: conflict-free stmatrix)
+constexpr int kLaRow = kBlockM + 4;
+constexpr int kStgBytes = kBlockM * kStgRow * 2;
+static_assert(kLoraChunk * kLaRow * 4 + 64 * (kLoraChunk + 1) * 4 <= kStgBytes, "the low-rank chunk fits the staging area");
+constexpr int kOffAct = 0;
+constexpr int kOffW = kOffAct + kStages * kActBytes;
+constexpr int kOffSx = kOffW + kStages * kWBytes;
+constexpr int kOffSw = kOffSx + kStages * kSxBytes;
+constexpr int kOffStg = kOffSw + kStages * kSwBytes;
+constexpr int kOffBar = kOffStg + 2 * kStgBytes;
+constexpr int kSmemBytes = kOffBar + 2 * kStages * 8 + 1024;  // + slack to align the base to 1024 (swizzle atom)
+constexpr uint32_t kStageTxBytes = kActBytes + kWBytes + kSxBytes + kSwBytes;
+constexpr float kCodeScale2 = 262144.f;  // 2^18: E4M3 code values are q * 2^-9, products q * q' * 2^-18
+
+template <typename T> struct Half;
+template <> struct Half<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);  // .x = lo (lower address)
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+template <> struct Half<__half> {
+  static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+#if SVDQ_SM90A_DEVICE
+// ------------------------------------------------------------------------------------------------
+// PTX wrappers: shared addresses, mbarriers, TMA, wgmma, named barriers.
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  const uint32_t addr = smem_u32(bar);
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(addr), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// 2-D TMA tile load (coordinates innermost first) completing on an mbarrier.
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];" ::"r"(
+          smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1)
+      : "memory");
+}
+__device__ __forceinline__ void named_bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+// Shared-memory matrix descriptor of a K-major, 128B-swizzled operand: rows of 128 bytes, 8-row swizzle
+// atoms 1024 bytes apart (SBO); the leading byte offset is unused for swizzled K-major layouts.
+__device__ __forceinline__ uint64_t desc_sw128(uint32_t saddr) {
+  uint64_t d = 0;
+  d |= static_cast<uint64_t>((saddr & 0x3FFFF) >> 4);
+  d |= static_cast<uint64_t>(1) << 16;            // LBO (ignored)
+  d |= static_cast<uint64_t>(1024 >> 4) << 32;    // SBO
+  d |= static_cast<uint64_t>(1) << 62;            // 128B swizzle
+  return d;
+}
+
+// d (+)= A(64x32 e4m3, registers) * B(32x192 e4m3, smem descriptor); scale_d = 0: d = A * B.
+__device__ __forceinline__ void wgmma_m64n192k32_e4m3(float (&d)[96], const uint32_t (&a)[4], uint64_t desc,
+                                                       int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %101, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n192k32.f32.e4m3.e4m3 {"
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,"
+      "%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,"
+      "%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95"
+      "}, {%96,%97,%98,%99}, %100, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+}
+
+// wgmma.mma_async reads its A registers and writes D asynchronously: after wgmma.wait_group the
+// compiler must neither have moved reads of D above the wait nor reused A's registers before it. An empty
+// asm that "modifies" them, placed after the wait, pins both (asm volatile statements keep their order).
+__device__ __forceinline__ void pin(float& x) { asm volatile("" : "+f"(x)::"memory"); }
+__device__ __forceinline__ void pin(uint32_t& x) { asm volatile("" : "+r"(x)::"memory"); }
+
+// ------------------------------------------------------------------------------------------------
+// Weight fragments
+
+// 8 two's-complement nibbles (byte j: k = 2j low nibble, 2j + 1 high) -> two registers of 4 E4M3 bytes,
+// lo byte b = the code of k 2b, hi byte b = k 2b + 1. Value q * 2^-9: q >= 0 -> byte q; q < 0 (nibble
+// x >= 8, q = x - 16) -> sign | magnitude = 0x80 | (16 - x) = (x ^ 0x8F) + 1. Per byte, no carries.
+__device__ __forceinline__ void nibbles_to_e4m3(uint32_t w, uint32_t& lo, uint32_t& hi) {
+  const uint32_t xl = w & 0x0F0F0F0Fu, xh = (w >> 4) & 0x0F0F0F0Fu;
+  const uint32_t sl = (w >> 3) & 0x01010101u, sh = (w >> 7) & 0x01010101u;
+  lo = (xl ^ (sl * 0x8Fu)) + sl;
+  hi = (xh ^ (sh * 0x8Fu)) + sh;
+}
+
+// The A registers of group g (0 / 1 within the stage) of the two k32 MMAs, for weight rows row and row + 8
+// (tile-local): the lane's 8 bytes = k 16tid .. 16tid+15 of each row, from the stage's [g][128 rows][32 B]
+// tile (one LDS.64 per row, conflict-free). Word v (k 16tid + 8v ..) feeds MMA v: a0 / a1 = even k of
+// rows row / row + 8, a2 / a3 = odd k (the layout comment at the top).
+__device__ __forceinline__ void weight_frags(const uint8_t* w_stage, int g, int row, int tid, uint32_t (&a)[2][4]) {
+  const uint2 r0 = *reinterpret_cast<const uint2*>(w_stage + g * (kBlockN * 32) + row * 32 + tid * 8);
+  const uint2 r1 = *reinterpret_cast<const uint2*>(w_stage + g * (kBlockN * 32) + (row + 8) * 32 + tid * 8);
+  nibbles_to_e4m3(r0.x, a[0][0], a[0][2]);
+  nibbles_to_e4m3(r1.x, a[0][1], a[0][3]);
+  nibbles_to_e4m3(r0.y, a[1][0], a[1][2]);
+  nibbles_to_e4m3(r1.y, a[1][1], a[1][3]);
+}
+#endif  // SVDQ_SM90A_DEVICE
+
+// ================================================================================================
+// The kernel. Lane (gid, tid) of warp w of consumer warpgroup cw owns tile-local weight rows
+// row = 64cw + 16w + gid and row + 8, and tokens 8j + 2tid + e (j = 0..23, e = 0..1):
+//   acc[4j + 2h + e] = y[m0 + 8j + 2tid + e, n0 + row + 8h]  (the wgmma D fragment).
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+w4a4_gemm_sm90a_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_constant__ CUtensorMap tm_w,
+                       const __grid_constant__ CUtensorMap tm_sx, const __grid_constant__ CUtensorMap tm_sw,
+                       const float* __restrict__ lora_act, const T* __restrict__ lora_up, const T* __restrict__ bias,
+                       T* __restrict__ y, int M, int N, int K, int M_pad, int R, int R16, int m_tiles, int tiles) {
+#if SVDQ_SM90A_DEVICE
+  extern __shared__ uint8_t smem_raw[];
+  // The 128B swizzle pattern repeats every 1024 bytes of shared address: align the base to it.
+  uint8_t* smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
+  uint8_t* act_s = smem + kOffAct;
+  uint8_t* w_s = smem + kOffW;
+  float* sx_s = reinterpret_cast<float*>(smem + kOffSx);
+  T* sw_s = reinterpret_cast<T*>(smem + kOffSw);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kOffBar);  // stage loaded (TMA bytes arrived)
+  uint64_t* empty = full + kStages;                              // stage consumed (8 consumer warps)
+  const int k_steps = K / kBlockK;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 8);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  }
+  __syncthreads();
+
+  const int wg = threadIdx.x / 128;
+  if (wg == 0) {
+    // ---------------- producer: one thread streams every tile's K steps through the stage ring
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (threadIdx.x == 0) {
+      asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tm_act)) : "memory");
+      asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tm_w)) : "memory");
+      int stage = 0;
+      uint32_t phase = 0;
+      for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const int m0 = (tile % m_tiles) * kBlockM, n0 = (tile / m_tiles) * kBlockN;
+        for (int kt = 0; kt < k_steps; ++kt) {
+          mbar_wait(&empty[stage], phase ^ 1);
+          mbar_expect_tx(&full[stage], kStageTxBytes);
+          // Out-of-range boxes (tokens past M_pad) are zero-filled by the TMA unit.
+          tma_load_2d(act_s + stage * kActBytes, &tm_act, &full[stage], kt * kBlockK, m0);
+          tma_load_2d(w_s + stage * kWBytes, &tm_w, &full[stage], kt * 64, n0);                    // group 2kt
+          tma_load_2d(w_s + stage * kWBytes + kBlockN * 32, &tm_w, &full[stage], kt * 64 + 32, n0);  // 2kt + 1
+          tma_load_2d(sx_s + stage * (2 * kBlockM), &tm_sx, &full[stage], m0, kt * 2);
+          tma_load_2d(sw_s + stage * (2 * kBlockN), &tm_sw, &full[stage], n0, kt * 2);
+          if (++stage == kStages) {
+            stage = 0;
+            phase ^= 1;
+          }
+        }
+      }
+    }
+    return;
+  }
+
+  // ---------------- consumers
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int cw = wg - 1;
+  const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  const int gid = lane >> 2, tid = lane & 3;
+  const int row = cw * 64 + warp * 16 + gid;
+  const int t = threadIdx.x % 128;
+  uint8_t* stg = smem + kOffStg + cw * kStgBytes;
+  int stage = 0;
+  uint32_t phase = 0;
+  // Ping-pong: before each issue a warpgroup waits on its barrier (3 + cw) for the other's hand-over
+  // (bar.arrive on it after the other's issue); warpgroup 0 skips the wait once, at its very first issue.
+  bool skip_wait = (cw == 0);
+
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int m0 = (tile % m_tiles) * kBlockM, n0 = (tile / m_tiles) * kBlockN;
+    float acc[kAccs];
+#pragma unroll
+    for (int i = 0; i < kAccs; ++i) acc[i] = 0.f;
+
+    for (int kt = 0; kt < k_steps; ++kt) {
+      mbar_wait(&full[stage], phase);
+      const uint8_t* w_stage = w_s + stage * kWBytes;
+      const uint32_t act_base = smem_u32(act_s + stage * kActBytes);
+      const float* sx_stage = sx_s + stage * (2 * kBlockM);
+      const T* sw_stage = sw_s + stage * (2 * kBlockN);
+#pragma unroll
+      for (int g = 0; g < 2; ++g) {
+        uint32_t a[2][4];
+        weight_frags(w_stage, g, row, tid, a);
+        float d[kAccs];
+        if (!skip_wait) named_bar_sync(3 + cw, 256);
+        skip_wait = false;
+        // The group's 64 k: bytes 64g .. 64g + 63 of each 128-byte activation row; +32 bytes (descriptor
+        // +2 in 16-byte units) for the second k32.
+        const uint64_t desc = desc_sw128(act_base + g * 64);
+        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+        wgmma_m64n192k32_e4m3(d, a[0], desc, 0);
+        wgmma_m64n192k32_e4m3(d, a[1], desc + 2, 1);
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        named_bar_arrive(4 - cw, 256);  // the other warpgroup's turn
+        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#pragma unroll
+        for (int i = 0; i < kAccs; ++i) pin(d[i]);
+#pragma unroll
+        for (int v = 0; v < 2; ++v)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) pin(a[v][i]);
+
+        // Promotion: acc = fma(D * sx, sw * 2^18, acc) = fma(fl(sum * sx), sw, acc) (Numerics, top).
+        const float* sx_g = sx_stage + g * kBlockM;
+        const float sw0 = Half<T>::to_float(sw_stage[g * kBlockN + row]) * kCodeScale2;
+        const float sw1 = Half<T>::to_float(sw_stage[g * kBlockN + row + 8]) * kCodeScale2;
+#pragma unroll
+        for (int c = 0; c < kBlockM / 16; ++c) {
+          const float4 s = *reinterpret_cast<const float4*>(sx_g + 16 * c + 4 * tid);  // tokens (16c | 16c+8) + 2tid + e
+          float* ac = acc + 8 * c;
+          const float* dd = d + 8 * c;
+          ac[0] = fmaf(dd[0] * s.x, sw0, ac[0]);
+          ac[1] = fmaf(dd[1] * s.y, sw0, ac[1]);
+          ac[2] = fmaf(dd[2] * s.x, sw1, ac[2]);
+          ac[3] = fmaf(dd[3] * s.y, sw1, ac[3]);
+          ac[4] = fmaf(dd[4] * s.z, sw0, ac[4]);
+          ac[5] = fmaf(dd[5] * s.w, sw0, ac[5]);
+          ac[6] = fmaf(dd[6] * s.z, sw1, ac[6]);
+          ac[7] = fmaf(dd[7] * s.w, sw1, ac[7]);
+        }
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty[stage]);
+      if (++stage == kStages) {
+        stage = 0;
+        phase ^= 1;
+      }
+    }
+
+    // ---------------- epilogue 1: low-rank branch, fp32 FMA in rank order (as w4a4_int8.cu's kernel B)
+    // 16 ranks at a time through this warpgroup's staging area: la [r][token] (row pad 4: the lanes of a
+    // quad read 4 different float2, the 8 gids the same ones) and up [row][r] (pad 1: 8 rows, 8 banks).
+    if (R > 0) {
+      float* la_s = reinterpret_cast<float*>(stg);
+      float* up_s = la_s + kLoraChunk * kLaRow;
+      for (int r0 = 0; r0 < R; r0 += kLoraChunk) {
+        named_bar_sync(1 + cw, 128);  // the staging area is free (previous chunk / tile done with it)
+        for (int e = t; e < kLoraChunk * kBlockM; e += 128) {
+          const int tok = e / kLoraChunk, r = e % kLoraChunk, m = m0 + tok;  // r0 + r < R16 always
+          la_s[r * kLaRow + tok] = m < M_pad ? __ldg(lora_act + static_cast<int64_t>(m) * R16 + r0 + r) : 0.f;
+        }
+        for (int e = t; e < kLoraChunk * 64; e += 128) {
+          const int rr = e / kLoraChunk, r = e % kLoraChunk, rank = r0 + r;
+          up_s[rr * (kLoraChunk + 1) + r] =
+              rank < R ? Half<T>::to_float(lora_up[static_cast<int64_t>(n0 + cw * 64 + rr) * R + rank]) : 0.f;
+        }
+        named_bar_sync(1 + cw, 128);
+        const int rc = min(kLoraChunk, R - r0);
+        for (int r = 0; r < rc; ++r) {
+          const float up0 = up_s[(warp * 16 + gid) * (kLoraChunk + 1) + r];
+          const float up1 = up_s[(warp * 16 + gid + 8) * (kLoraChunk + 1) + r];
+          const float* la = la_s + r * kLaRow + 2 * tid;
+#pragma unroll
+          for (int j = 0; j < kAccs / 4; ++j) {
+            const float2 l = *reinterpret_cast<const float2*>(la + 8 * j);
+            acc[4 * j + 0] = fmaf(l.x, up0, acc[4 * j + 0]);
+            acc[4 * j + 1] = fmaf(l.y, up0, acc[4 * j + 1]);
+            acc[4 * j + 2] = fmaf(l.x, up1, acc[4 * j + 2]);
+            acc[4 * j + 3] = fmaf(l.y, up1, acc[4 * j + 3]);
+          }
+        }
+      }
+    }
+
+    // ---------------- epilogue 2: bias, one rounding, transpose through shared memory, coalesced stores
+    const float b0 = bias != nullptr ? Half<T>::to_float(bias[n0 + row]) : 0.f;
+    const float b1 = bias != nullptr ? Half<T>::to_float(bias[n0 + row + 8]) : 0.f;
+    named_bar_sync(1 + cw, 128);  // the staging area is free
+    {
+      // stmatrix.x4.trans: matrix i (registers v[i]) = tokens 8(j + i/2) .. +7 x weight rows 8(i%2) .. +7
+      // of the warp's 16; lanes 8i .. 8i+7 give the addresses of its 8 token rows in the [token][row] tile.
+      const int q = lane >> 3, r = lane & 7;
+#pragma unroll
+      for (int j = 0; j < kAccs / 4; j += 2) {
+        uint32_t v[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float b = (i & 1) ? b1 : b0;
+          v[i] = Half<T>::pack2(acc[4 * j + 2 * i] + b, acc[4 * j + 2 * i + 1] + b);
+        }
+        const int tok = 8 * (j + (q >> 1)) + r;
+        const uint32_t addr = smem_u32(stg + (tok * kStgRow + warp * 16 + 8 * (q & 1)) * 2);
+        asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr),
+                     "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3])
+                     : "memory");
+      }
+    }
+    named_bar_sync(1 + cw, 128);
+#pragma unroll 4
+    for (int it = 0; it < kBlockM / 16; ++it) {  // 16 tokens x 8 16-byte pieces per pass
+      const int tok = it * 16 + (t >> 3), c = t & 7, m = m0 + tok;
+      const uint4 val = *reinterpret_cast<const uint4*>(stg + (tok * kStgRow + c * 8) * 2);
+      if (m < M) *reinterpret_cast<uint4*>(y + static_cast<int64_t>(m) * N + n0 + cw * 64 + c * 8) = val;
+    }
+  }
+  if (cw == 0 && !skip_wait) named_bar_sync(3, 256);  // warpgroup 1's last hand-over
+#endif  // SVDQ_SM90A_DEVICE
+}
+
+}  // namespace sm90a
+
+// ================================================================================================
+// Host
+
+namespace {
+
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
+  if (fn == nullptr) {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q;
+#if CUDART_VERSION >= 12050
+    const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q);
+#else
+    const cudaError_t e = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &p, cudaEnableDefault, &q);
+#endif
+    if (e != cudaSuccess || q != cudaDriverEntryPointSuccess) return nullptr;
+    fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  }
+  return fn;
+}
+
+// A 2-D tensor map: `inner` x `outer` elements, rows `row_bytes` apart, box `box_inner` x `box_outer`.
+bool make_map(CUtensorMap* map, CUtensorMapDataType dtype, const void* ptr, uint64_t inner, uint64_t outer,
+              uint64_t row_bytes, uint32_t box_inner, uint32_t box_outer, CUtensorMapSwizzle swizzle) {
+  const auto encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const uint64_t dims[2] = {inner, outer};
+  const uint64_t strides[1] = {row_bytes};
+  const uint32_t box[2] = {box_inner, box_outer};
+  const uint32_t elem_strides[2] = {1, 1};
+  return encode(map, dtype, 2, const_cast<void*>(ptr), dims, strides, box, elem_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <typename T>
+cudaError_t launch_typed(const GemmArgs& a, cudaStream_t stream) {
+  using namespace sm90a;
+  if (a.N % kBlockN || a.K % kBlockK || a.M_pad % 16 || a.M > a.M_pad || a.M <= 0) return cudaErrorInvalidValue;
+  const CUtensorMapDataType half_type =
+      std::is_same<T, __nv_bfloat16>::value ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  CUtensorMap tm_act, tm_w, tm_sx, tm_sw;
+  const uint64_t G = a.K / kGroup;
+  if (!make_map(&tm_act, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.act_packed, a.K, a.M_pad, a.K, kBlockK, kBlockM,
+                CU_TENSOR_MAP_SWIZZLE_128B) ||
+      !make_map(&tm_w, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.qweight, a.K / 2, a.N, a.K / 2, 32, kBlockN,
+                CU_TENSOR_MAP_SWIZZLE_NONE) ||  // one 64-group (32 bytes) of 128 rows per box
+      !make_map(&tm_sx, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, a.act_scales, a.M_pad, G, a.M_pad * 4ull, kBlockM, 2,
+                CU_TENSOR_MAP_SWIZZLE_NONE) ||
+      !make_map(&tm_sw, half_type, a.wscales, a.N, G, a.N * 2ull, kBlockN, 2, CU_TENSOR_MAP_SWIZZLE_NONE))
+    return cudaErrorInvalidValue;
+  int device = 0, sms = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  auto kernel = w4a4_gemm_sm90a_kernel<T>;
+  if (e == cudaSuccess) e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  if (e != cudaSuccess) return e;
+  const int m_tiles = (a.M + kBlockM - 1) / kBlockM;
+  const int tiles = m_tiles * (a.N / kBlockN);
+  kernel<<<tiles < sms ? tiles : sms, kThreads, kSmemBytes, stream>>>(
+      tm_act, tm_w, tm_sx, tm_sw, a.lora_act, static_cast<const T*>(a.lora_up), static_cast<const T*>(a.bias),
+      static_cast<T*>(a.out), a.M, a.N, a.K, a.M_pad, a.R, a.R16, m_tiles, tiles);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_w4a4_gemm_sm90a(const GemmArgs& args, bool is_bf16, cudaStream_t stream) {
+  return is_bf16 ? launch_typed<__nv_bfloat16>(args, stream) : launch_typed<__half>(args, stream);
+}
+
+}  // namespace svdq

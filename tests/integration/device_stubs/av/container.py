@@ -1,0 +1,1 @@
+from av._stub import __getattr__  # noqa: F401
