@@ -16,13 +16,15 @@ A FLUX double block's img_mlp / txt_mlp (Sequential(fc1, GELU(tanh), fc2) of our
 ComfySVDQMLP after loading: the same children under the same names (so the same keys for state dict,
 LoRA mapping and ModelPatcher), run through the backend's fused MLP unless ComfyUI streams a layer.
 """
+import functools
+
 import torch
 
 import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
 
-from nunchaku_ext.layers import SplitLinear, SVDQMLP
+from nunchaku_ext.layers import SplitLinear, make_layer, SVDQMLP
 from nunchaku_ext.lora import SVDQW4A4LinearLoRA, W4A16LinearLoRA
 
 
@@ -112,12 +114,10 @@ class ComfySVDQMLP(SVDQMLP):
 
 
 def make_comfy_layer(spec, precision, dtype, device=None, lora_target=True) -> torch.nn.Module:
-    if spec.kind == "w4a4":
-        return ComfySVDQW4A4Linear(spec.in_features, spec.out_features, spec.rank, bias=spec.bias,
-                                   precision=precision, act_unsigned=spec.act_unsigned, dtype=dtype, device=device,
-                                   lora_target=lora_target)
-    return ComfyW4A16Linear(spec.in_features, spec.out_features, bias=spec.bias, dtype=dtype, device=device,
-                            lora_target=lora_target)
+    """nunchaku_ext.layers.make_layer with this module's classes (a part of a split linear is no LoRA target)."""
+    return make_layer(spec, precision, dtype, device,
+                      w4a4_class=functools.partial(ComfySVDQW4A4Linear, lora_target=lora_target),
+                      w4a16_class=functools.partial(ComfyW4A16Linear, lora_target=lora_target))
 
 
 def make_comfy_module(parts, precision, dtype, device=None) -> torch.nn.Module:
