@@ -93,65 +93,84 @@ int64_t scale_groups_per_64(svdq::MmaPath path, bool act_unsigned) {
   return 4;
 }
 
-// x [M, K] bf16/fp16 (row stride multiple of 4, unit column stride), smooth [K] and lora_down [R, K]
-// in x's dtype. Returns (act_packed uint8 [M_pad, K64/2], act_scales fp32 [K64/group, M_pad], lora_act
-// fp32 [M_pad, R16]) with M_pad = M rounded up to the GEMM block tile and K64 = K rounded up to 64.
-// Optional outputs (tests pass NaN/garbage-filled ones so that an element the kernel fails to write
-// cannot pass by reusing memory that happened to hold the right value).
-std::vector<at::Tensor> quantize_act_lora_down(const at::Tensor& x, const at::Tensor& smooth,
-                                               const at::Tensor& lora_down, bool act_unsigned,
-                                               const std::string& mma_path,
-                                               c10::optional<at::Tensor> act_packed_out,
-                                               c10::optional<at::Tensor> act_scales_out,
-                                               c10::optional<at::Tensor> lora_act_out) {
+// Kernel A's inputs and outputs, shared by its two code layouts (quantize_act_lora_down, quantize_act_sm90a):
+// x [M, K] bf16/fp16 (row stride multiple of 4, unit column stride), smooth [K] and lora_down [R, K] in x's
+// dtype; K a positive multiple of k_step. Outputs: act uint8 [M_pad, act_row_bytes], act_scales fp32
+// [scale_rows, M_pad], lora_act fp32 [M_pad, R16] (M_pad = M rounded up to the GEMM block tile), or the
+// given ones (tests pass NaN/garbage-filled ones so that an element the kernel fails to write cannot pass
+// by reusing memory that happened to hold the right value). launch(args, stream) starts the kernel.
+struct KernelAShape {
+  int64_t M, K, M_pad, R, R16;
+};
+
+KernelAShape check_kernel_a_inputs(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& lora_down,
+                                   int64_t k_step) {
   SVDQ_CHECK(x.is_cuda() && x.dim() == 2, "x must be a 2-D CUDA tensor");
   SVDQ_CHECK(is_16bit(x.scalar_type()), "x must be bfloat16 or float16, got ", x.scalar_type());
-  const int64_t M = x.size(0), K = x.size(1);
-  const svdq::MmaPath path = parse_mma_path(mma_path);
-  const int64_t scale_groups = scale_groups_per_64(path, act_unsigned), group = svdq::kGroup / scale_groups;
-  SVDQ_CHECK(K % group == 0 && K > 0, "in_features ", K, " is not a positive multiple of ", group);
+  const int64_t M = x.size(0), K = x.size(1), R = lora_down.size(0);
+  SVDQ_CHECK(K % k_step == 0 && K > 0, "in_features ", K, " is not a positive multiple of ", k_step);
   SVDQ_CHECK(x.stride(1) == 1 && x.stride(0) % 4 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 8 == 0,
-              "x needs unit column stride, a row stride divisible by 4 and 8-byte alignment");
+             "x needs unit column stride, a row stride divisible by 4 and 8-byte alignment");
   SVDQ_CHECK(M > 0 && M < (int64_t(1) << 31) - svdq::kGemmBlockM, "bad number of rows ", M);
-  const at::Device dev = x.device();
-  const int64_t R = lora_down.size(0);
-  check_tensor(smooth, "smooth", x.scalar_type(), {K}, dev);
-  check_tensor(lora_down, "lora_down", x.scalar_type(), {R, K}, dev);
-  const int64_t M_pad = round_up(M, svdq::kGemmBlockM), G = round_up(K, svdq::kGroup) / svdq::kGroup;
-  const int64_t R16 = round_up(R, 16);
-  SVDQ_CHECK(M_pad * G * (svdq::kGroup / 2) < (int64_t(1) << 31), "activations too large");
+  check_tensor(smooth, "smooth", x.scalar_type(), {K}, x.device());
+  check_tensor(lora_down, "lora_down", x.scalar_type(), {R, K}, x.device());
   int max_rank = 0;
-  check_cuda_error(svdq::quantize_max_rank(dev.index(), &max_rank), "shared-memory query");
+  check_cuda_error(svdq::quantize_max_rank(x.device().index(), &max_rank), "shared-memory query");
   SVDQ_CHECK(R <= max_rank, "rank ", R, " is too large for the quantize kernel on this GPU (max ", max_rank,
-              ": its fp32 accumulator of 16 rows x rank must fit in a block's shared memory)");
+             ": its fp32 accumulator of 16 rows x rank must fit in a block's shared memory)");
+  return {M, K, round_up(M, svdq::kGemmBlockM), R, round_up(R, 16)};
+}
 
+template <typename Launch>
+std::vector<at::Tensor> run_kernel_a(const at::Tensor& x, const at::Tensor& smooth, const at::Tensor& lora_down,
+                                     const KernelAShape& d, int64_t act_row_bytes, int64_t scale_rows,
+                                     c10::optional<at::Tensor> act_out, c10::optional<at::Tensor> act_scales_out,
+                                     c10::optional<at::Tensor> lora_act_out, Launch&& launch) {
+  SVDQ_CHECK(d.M_pad * act_row_bytes < (int64_t(1) << 31), "activations too large");
+  const at::Device dev = x.device();
   const c10::cuda::CUDAGuard guard(dev);
   auto f32 = x.options().dtype(at::kFloat);
-  const int64_t row_bytes = G * (svdq::kGroup / 2);
-  at::Tensor act_packed = act_packed_out ? *act_packed_out : at::empty({M_pad, row_bytes}, x.options().dtype(at::kByte));
-  at::Tensor act_scales = act_scales_out ? *act_scales_out : at::empty({G * scale_groups, M_pad}, f32);
-  at::Tensor lora_act = lora_act_out ? *lora_act_out : at::empty({M_pad, R16}, f32);
-  check_tensor(act_packed, "act_packed_out", at::kByte, {M_pad, row_bytes}, dev);
-  check_f32(act_scales, "act_scales_out", {G * scale_groups, M_pad}, dev);
-  check_f32(lora_act, "lora_act_out", {M_pad, R16}, dev);
+  at::Tensor act = act_out ? *act_out : at::empty({d.M_pad, act_row_bytes}, x.options().dtype(at::kByte));
+  at::Tensor act_scales = act_scales_out ? *act_scales_out : at::empty({scale_rows, d.M_pad}, f32);
+  at::Tensor lora_act = lora_act_out ? *lora_act_out : at::empty({d.M_pad, d.R16}, f32);
+  check_tensor(act, "act_out", at::kByte, {d.M_pad, act_row_bytes}, dev);
+  check_f32(act_scales, "act_scales_out", {scale_rows, d.M_pad}, dev);
+  check_f32(lora_act, "lora_act_out", {d.M_pad, d.R16}, dev);
 
   svdq::QuantizeArgs a;
   a.x = x.data_ptr();
   a.ldx = x.stride(0);
   a.smooth = smooth.data_ptr();
   a.lora_down = lora_down.data_ptr();
-  a.M = static_cast<int>(M);
-  a.K = static_cast<int>(K);
-  a.M_pad = static_cast<int>(M_pad);
-  a.R = static_cast<int>(R);
-  a.R16 = static_cast<int>(R16);
-  a.act_packed = act_packed.data_ptr<uint8_t>();
+  a.M = static_cast<int>(d.M);
+  a.K = static_cast<int>(d.K);
+  a.M_pad = static_cast<int>(d.M_pad);
+  a.R = static_cast<int>(d.R);
+  a.R16 = static_cast<int>(d.R16);
+  a.act_packed = act.data_ptr<uint8_t>();
   a.act_scales = act_scales.data_ptr<float>();
   a.lora_act = lora_act.data_ptr<float>();
-  check_cuda_error(svdq::launch_quantize_act_lora_down(a, x.scalar_type() == at::kBFloat16, act_unsigned, path,
-                                                       c10::cuda::getCurrentCUDAStream().stream()),
-                   "quantize_act_lora_down kernel");
-  return {act_packed, act_scales, lora_act};
+  check_cuda_error(launch(a, c10::cuda::getCurrentCUDAStream().stream()), "quantize kernel (kernel A)");
+  return {act, act_scales, lora_act};
+}
+
+// Kernel A of the mma.sync paths: act_packed uint8 [M_pad, K64/2] (K64 = K rounded up to 64; codes as the
+// file stores weights), act_scales fp32 [K64/group, M_pad], lora_act fp32 [M_pad, R16].
+std::vector<at::Tensor> quantize_act_lora_down(const at::Tensor& x, const at::Tensor& smooth,
+                                               const at::Tensor& lora_down, bool act_unsigned,
+                                               const std::string& mma_path,
+                                               c10::optional<at::Tensor> act_packed_out,
+                                               c10::optional<at::Tensor> act_scales_out,
+                                               c10::optional<at::Tensor> lora_act_out) {
+  const svdq::MmaPath path = parse_mma_path(mma_path);
+  const int64_t scale_groups = scale_groups_per_64(path, act_unsigned);
+  const KernelAShape d = check_kernel_a_inputs(x, smooth, lora_down, svdq::kGroup / scale_groups);
+  const int64_t G = round_up(d.K, svdq::kGroup) / svdq::kGroup;
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  return run_kernel_a(x, smooth, lora_down, d, G * (svdq::kGroup / 2), G * scale_groups, act_packed_out,
+                      act_scales_out, lora_act_out, [&](const svdq::QuantizeArgs& a, cudaStream_t stream) {
+                        return svdq::launch_quantize_act_lora_down(a, bf16, act_unsigned, path, stream);
+                      });
 }
 
 // The GEMM's operand checks, shared by w4a4_gemm and w4a4_mlp_fc1: act_* as quantize_act_lora_down
@@ -365,51 +384,13 @@ std::vector<at::Tensor> quantize_act_sm90a(const at::Tensor& x, const at::Tensor
                                            bool act_unsigned, c10::optional<at::Tensor> act_out,
                                            c10::optional<at::Tensor> act_scales_out,
                                            c10::optional<at::Tensor> lora_act_out) {
-  SVDQ_CHECK(x.is_cuda() && x.dim() == 2, "x must be a 2-D CUDA tensor");
-  SVDQ_CHECK(is_16bit(x.scalar_type()), "x must be bfloat16 or float16, got ", x.scalar_type());
-  const int64_t M = x.size(0), K = x.size(1);
-  SVDQ_CHECK(K > 0 && K % svdq::kSm90aBlockK == 0, "in_features ", K, " is not a positive multiple of ",
-              svdq::kSm90aBlockK, " (the wgmma path's K step)");
-  SVDQ_CHECK(x.stride(1) == 1 && x.stride(0) % 4 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 8 == 0,
-              "x needs unit column stride, a row stride divisible by 4 and 8-byte alignment");
-  SVDQ_CHECK(M > 0 && M < (int64_t(1) << 31) - svdq::kGemmBlockM, "bad number of rows ", M);
-  const at::Device dev = x.device();
-  check_sm90(dev);
-  const int64_t R = lora_down.size(0);
-  check_tensor(smooth, "smooth", x.scalar_type(), {K}, dev);
-  check_tensor(lora_down, "lora_down", x.scalar_type(), {R, K}, dev);
-  const int64_t M_pad = round_up(M, svdq::kGemmBlockM), G = K / svdq::kGroup, R16 = round_up(R, 16);
-  SVDQ_CHECK(M_pad * K < (int64_t(1) << 31), "activations too large");
-  int max_rank = 0;
-  check_cuda_error(svdq::quantize_max_rank(dev.index(), &max_rank), "shared-memory query");
-  SVDQ_CHECK(R <= max_rank, "rank ", R, " is too large for the quantize kernel on this GPU (max ", max_rank, ")");
-
-  const c10::cuda::CUDAGuard guard(dev);
-  auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor act = act_out ? *act_out : at::empty({M_pad, K}, x.options().dtype(at::kByte));
-  at::Tensor act_scales = act_scales_out ? *act_scales_out : at::empty({G, M_pad}, f32);
-  at::Tensor lora_act = lora_act_out ? *lora_act_out : at::empty({M_pad, R16}, f32);
-  check_tensor(act, "act_out", at::kByte, {M_pad, K}, dev);
-  check_f32(act_scales, "act_scales_out", {G, M_pad}, dev);
-  check_f32(lora_act, "lora_act_out", {M_pad, R16}, dev);
-
-  svdq::QuantizeArgs a;
-  a.x = x.data_ptr();
-  a.ldx = x.stride(0);
-  a.smooth = smooth.data_ptr();
-  a.lora_down = lora_down.data_ptr();
-  a.M = static_cast<int>(M);
-  a.K = static_cast<int>(K);
-  a.M_pad = static_cast<int>(M_pad);
-  a.R = static_cast<int>(R);
-  a.R16 = static_cast<int>(R16);
-  a.act_packed = act.data_ptr<uint8_t>();
-  a.act_scales = act_scales.data_ptr<float>();
-  a.lora_act = lora_act.data_ptr<float>();
-  check_cuda_error(svdq::launch_quantize_act_e4m3(a, x.scalar_type() == at::kBFloat16, act_unsigned,
-                                                  c10::cuda::getCurrentCUDAStream().stream()),
-                   "quantize_act_sm90a kernel");
-  return {act, act_scales, lora_act};
+  const KernelAShape d = check_kernel_a_inputs(x, smooth, lora_down, svdq::kSm90aBlockK);
+  check_sm90(x.device());
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  return run_kernel_a(x, smooth, lora_down, d, d.K, d.K / svdq::kGroup, act_out, act_scales_out, lora_act_out,
+                      [&](const svdq::QuantizeArgs& a, cudaStream_t stream) {
+                        return svdq::launch_quantize_act_e4m3(a, bf16, act_unsigned, stream);
+                      });
 }
 
 // The wgmma GEMM with the fused epilogue: y [M, N] in the layer's dtype T. act / act_scales / lora_act as
