@@ -173,17 +173,22 @@ std::vector<at::Tensor> quantize_act_lora_down(const at::Tensor& x, const at::Te
                       });
 }
 
-// The GEMM's operand checks, shared by w4a4_gemm and w4a4_mlp_fc1: act_* as quantize_act_lora_down
+// How kernel A stored the activation codes the GEMM takes: packed two per byte (quantize_act_lora_down),
+// or one E4M3 byte each (quantize_act_sm90a, the wgmma path).
+enum class ActCodes { kPacked, kE4M3Bytes };
+
+// The GEMM's operand checks, shared by w4a4_gemm, w4a4_mlp_fc1 and w4a4_gemm_sm90a: act_* as kernel A
 // returns them; the layer's tensors as the checkpoint stores them (T = lora_up's dtype, bf16/fp16):
-// qweight uint8 [N, K/2], wscales [K/group, N] (T for INT4, float8_e4m3fn for NVFP4), lora_up T [N, R],
-// bias T [N] or none; NVFP4 only: wtscale fp32 [] and wcscales fp32 [N]. N must be even.
+// qweight uint8 [N, K/2], wscales [K/group, N] (T for INT4, float8_e4m3fn for NVFP4: scale_groups 4 per
+// 64 k), lora_up T [N, R], bias T [N] or none; NVFP4 only: wtscale fp32 [] and wcscales fp32 [N].
+// N must be even. The output pointer is left to the caller.
 svdq::GemmArgs checked_gemm_args(const at::Tensor& act_packed, const at::Tensor& act_scales, const at::Tensor& lora_act,
                                  const at::Tensor& qweight, const at::Tensor& wscales, const at::Tensor& lora_up,
-                                 const c10::optional<at::Tensor>& bias, int64_t M, bool act_unsigned, svdq::MmaPath path,
+                                 const c10::optional<at::Tensor>& bias, int64_t M, int64_t scale_groups, ActCodes codes,
                                  const c10::optional<at::Tensor>& wtscale, const c10::optional<at::Tensor>& wcscales) {
-  const int64_t scale_groups = scale_groups_per_64(path, act_unsigned), group = svdq::kGroup / scale_groups;
+  const int64_t group = svdq::kGroup / scale_groups;
   SVDQ_CHECK(act_packed.is_cuda() && act_packed.dim() == 2 && act_packed.scalar_type() == at::kByte,
-              "act_packed must be the uint8 CUDA tensor made by quantize_act_lora_down");
+             "the activation codes must be the uint8 CUDA tensor made by kernel A");
   const at::Device dev = act_packed.device();
   SVDQ_CHECK(qweight.dim() == 2 && lora_up.dim() == 2, "qweight and lora_up must be 2-D");
   const int64_t N = qweight.size(0), K = qweight.size(1) * 2, R = lora_up.size(1);
@@ -196,7 +201,8 @@ svdq::GemmArgs checked_gemm_args(const at::Tensor& act_packed, const at::Tensor&
   SVDQ_CHECK(M_pad % svdq::kGemmBlockM == 0 && M <= M_pad && M > M_pad - svdq::kGemmBlockM, "M ", M,
               " does not match the packed activations");
   SVDQ_CHECK(R16 == round_up(R, 16), "lora_act has ", R16, " rank columns, lora_up's rank ", R, " needs ", round_up(R, 16));
-  check_tensor(act_packed, "act_packed", at::kByte, {M_pad, G * (svdq::kGroup / 2)}, dev);
+  check_tensor(act_packed, "act_packed", at::kByte,
+               {M_pad, codes == ActCodes::kPacked ? G * (svdq::kGroup / 2) : K}, dev);
   check_f32(act_scales, "act_scales", {G * scale_groups, M_pad}, dev);
   check_f32(lora_act, "lora_act", {M_pad, R16}, dev);
   check_tensor(qweight, "qweight", at::kByte, {N, K / 2}, dev);
@@ -237,7 +243,7 @@ at::Tensor w4a4_gemm(const at::Tensor& act_packed, const at::Tensor& act_scales,
                      c10::optional<at::Tensor> wcscales) {
   const svdq::MmaPath path = parse_mma_path(mma_path);
   svdq::GemmArgs a = checked_gemm_args(act_packed, act_scales, lora_act, qweight, wscales, lora_up, bias, M,
-                                       act_unsigned, path, wtscale, wcscales);
+                                       scale_groups_per_64(path, act_unsigned), ActCodes::kPacked, wtscale, wcscales);
   const at::Device dev = act_packed.device();
   const at::ScalarType T = lora_up.scalar_type();
   const c10::cuda::CUDAGuard guard(dev);
@@ -269,8 +275,8 @@ std::vector<at::Tensor> w4a4_mlp_fc1(const at::Tensor& act_packed, const at::Ten
   const svdq::MmaPath path = parse_mma_path(mma_path);
   SVDQ_CHECK(!is_nvfp4_path(path), "the fused MLP is for INT4 layers only");
   svdq::MlpFc1Args a;
-  a.fc1 = checked_gemm_args(act_packed, act_scales, lora_act, qweight, wscales, lora_up, bias, M,
-                            /*act_unsigned=*/false, path, c10::nullopt, c10::nullopt);
+  a.fc1 = checked_gemm_args(act_packed, act_scales, lora_act, qweight, wscales, lora_up, bias, M, 1,
+                            ActCodes::kPacked, c10::nullopt, c10::nullopt);
   const int64_t N1 = a.fc1.N;
   SVDQ_CHECK(N1 % svdq::kGroup == 0, "the hidden width ", N1, " is not a multiple of 64");
   const at::Device dev = act_packed.device();
@@ -399,50 +405,20 @@ std::vector<at::Tensor> quantize_act_sm90a(const at::Tensor& x, const at::Tensor
 at::Tensor w4a4_gemm_sm90a(const at::Tensor& act, const at::Tensor& act_scales, const at::Tensor& lora_act,
                            const at::Tensor& qweight, const at::Tensor& wscales, const at::Tensor& lora_up,
                            c10::optional<at::Tensor> bias, int64_t M, c10::optional<at::Tensor> out_opt) {
-  SVDQ_CHECK(act.is_cuda() && act.dim() == 2 && act.scalar_type() == at::kByte,
-              "act must be the uint8 CUDA tensor made by quantize_act_sm90a");
+  svdq::GemmArgs a = checked_gemm_args(act, act_scales, lora_act, qweight, wscales, lora_up, bias, M, 1,
+                                       ActCodes::kE4M3Bytes, c10::nullopt, c10::nullopt);
   const at::Device dev = act.device();
   check_sm90(dev);
-  SVDQ_CHECK(qweight.dim() == 2 && lora_up.dim() == 2, "qweight and lora_up must be 2-D");
-  const int64_t N = qweight.size(0), K = qweight.size(1) * 2, R = lora_up.size(1);
-  const int64_t M_pad = act.size(0), G = K / svdq::kGroup, R16 = lora_act.size(1);
+  SVDQ_CHECK(a.N % svdq::kSm90aBlockN == 0 && a.K % svdq::kSm90aBlockK == 0, "the wgmma path takes N % ",
+             svdq::kSm90aBlockN, " == 0 and K % ", svdq::kSm90aBlockK, " == 0, got N = ", a.N, ", K = ", a.K);
   const at::ScalarType T = lora_up.scalar_type();
-  SVDQ_CHECK(is_16bit(T), "lora_up must be bfloat16 or float16 (the layer's dtype), got ", T);
-  SVDQ_CHECK(N > 0 && N % svdq::kSm90aBlockN == 0 && K > 0 && K % svdq::kSm90aBlockK == 0, "the wgmma path takes N % ",
-              svdq::kSm90aBlockN, " == 0 and K % ", svdq::kSm90aBlockK, " == 0, got N = ", N, ", K = ", K);
-  SVDQ_CHECK(N * (K / 2) < (int64_t(1) << 31), "weight too large");
-  SVDQ_CHECK(M_pad % svdq::kGemmBlockM == 0 && M > 0 && M <= M_pad && M > M_pad - svdq::kGemmBlockM, "M ", M,
-              " does not match the activations");
-  SVDQ_CHECK(R16 == round_up(R, 16), "lora_act has ", R16, " rank columns, lora_up's rank ", R, " needs ", round_up(R, 16));
-  check_tensor(act, "act", at::kByte, {M_pad, K}, dev);
-  check_f32(act_scales, "act_scales", {G, M_pad}, dev);
-  check_f32(lora_act, "lora_act", {M_pad, R16}, dev);
-  check_tensor(qweight, "qweight", at::kByte, {N, K / 2}, dev);
-  check_tensor(wscales, "wscales", T, {G, N}, dev);
-  check_tensor(lora_up, "lora_up", T, {N, R}, dev);
-  if (bias) check_tensor(*bias, "bias", T, {N}, dev);
-
   const c10::cuda::CUDAGuard guard(dev);
-  at::Tensor out = out_opt ? *out_opt : at::empty({M, N}, lora_up.options());
+  at::Tensor out = out_opt ? *out_opt : at::empty({M, static_cast<int64_t>(a.N)}, lora_up.options());
   SVDQ_CHECK(out.device() == dev && out.scalar_type() == T && out.is_contiguous() &&
-                  out.sizes() == at::IntArrayRef({M, N}) && reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0,
-              "out must be a contiguous, 16-byte aligned [M, N] tensor of the layer's dtype");
-  svdq::GemmArgs a{};
-  a.act_packed = act.data_ptr<uint8_t>();
-  a.act_scales = act_scales.data_ptr<float>();
-  a.lora_act = lora_act.data_ptr<float>();
-  a.qweight = qweight.data_ptr<uint8_t>();
-  a.wscales = wscales.data_ptr();
-  a.lora_up = lora_up.data_ptr();
-  a.bias = bias ? bias->data_ptr() : nullptr;
+                 out.sizes() == at::IntArrayRef({M, static_cast<int64_t>(a.N)}) &&
+                 reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0,
+             "out must be a contiguous, 16-byte aligned [M, N] tensor of the layer's dtype");
   a.out = out.data_ptr();
-  a.M = static_cast<int>(M);
-  a.N = static_cast<int>(N);
-  a.K = static_cast<int>(K);
-  a.M_pad = static_cast<int>(M_pad);
-  a.G = static_cast<int>(G);
-  a.R = static_cast<int>(R);
-  a.R16 = static_cast<int>(R16);
   check_cuda_error(svdq::launch_w4a4_gemm_sm90a(a, T == at::kBFloat16, c10::cuda::getCurrentCUDAStream().stream()),
                    "w4a4_gemm_sm90a kernel");
   return out;

@@ -31,7 +31,9 @@ from nunchaku_ext.backends import cuda as cuda_backend
 from nunchaku_ext.backends import reference, reference_mlp
 from nunchaku_ext.layers import SVDQW4A4Linear
 from nunchaku_ext.quantize import quantize_w4a4
-from test_cuda_w4a4 import FLAVOURS, ext, make_input, make_layer, mma_path, requires_cuda  # noqa: F401 (fixtures)
+from test_cuda_w4a4 import (FLAVOURS, ext, launched_kernels, make_input, make_layer, mma_path,  # noqa: F401 (fixtures)
+                            requires_cuda)
+
 
 @pytest.fixture(autouse=True)
 def always_fuse(monkeypatch):
@@ -167,10 +169,8 @@ def test_fuses_only_where_it_pays_beside_wgmma(ext, monkeypatch):
     fc1, fc2 = make_pair(256, 512, 256, 16, 16, torch.bfloat16, seed=9)  # shapes the wgmma path takes
     for M, fused in ((512, True), (513, False)):
         x = make_input((M,), 256, unsigned=False, dtype=torch.bfloat16)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            y = cuda_backend.mlp_w4a4(fc1, fc2, x)
-            torch.cuda.synchronize()
-        names = [e.name for e in prof.events()]
+        names = launched_kernels(lambda: cuda_backend.mlp_w4a4(fc1, fc2, x))
+        y = cuda_backend.mlp_w4a4(fc1, fc2, x)
         assert any("w4a4_mlp_fc1_kernel" in n for n in names) == fused, (M, names)
         assert sum("w4a4_gemm_sm90a_kernel" in n for n in names) == (0 if fused else 2), (M, names)
         two = cuda_backend.forward(fc2, F.gelu(cuda_backend.forward(fc1, x), approximate="tanh"))

@@ -46,7 +46,7 @@ from nunchaku_ext import cuda_build, numerics
 from nunchaku_ext.backends import cuda as cuda_backend
 from nunchaku_ext.layers import SVDQW4A4Linear
 from nunchaku_ext.quantize import quantize_w4a4
-from test_cuda_w4a4 import FLUX_NK, NVFP4_FLAVOURS, check_linear, ext, requires_cuda  # noqa: F401 (fixture)
+from test_cuda_w4a4 import FLUX_NK, NVFP4_FLAVOURS, check_linear, ext, launched_kernels, requires_cuda  # noqa: F401 (fixture)
 from test_cuda_w4a4 import make_input as make_int4_input
 from test_cuda_w4a4 import make_layer as make_int4_layer
 
@@ -985,11 +985,7 @@ def test_launches_the_nvfp4_kernels(ext):
     layer = make_layer(256, 208, 16)
     x = make_input((64,), 208, torch.bfloat16)
     path = cuda_backend.layer_mma_path(layer, x.device)
-    cuda_backend.forward(layer, x)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        cuda_backend.forward(layer, x)
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events()]
+    names = launched_kernels(lambda: cuda_backend.forward(layer, x))
     gemm = [n for n in names if "w4a4_gemm_kernel" in n]
     quant = [n for n in names if "quantize_act_lora_down_kernel" in n]
     assert gemm and all(NVFP4_FLAVOURS[path.name] in n for n in gemm), names

@@ -113,6 +113,16 @@ def mma_path(request, ext, monkeypatch):
     return path
 
 
+def launched_kernels(fn):
+    """The names of the CUDA kernels that fn() launches, seen by the profiler after one call that builds
+    and warms up."""
+    fn()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events()]
+
+
 def reference_linear(layer, x):
     return reference.w4a4_linear(layer, x)
 
@@ -668,11 +678,7 @@ def test_forced_path_launches_its_kernels(mma_path):
     template instantiation tells them apart."""
     layer = make_layer(256, 256, 16)
     x = make_input((64,), 256, unsigned=False, dtype=torch.bfloat16)
-    cuda_backend.forward(layer, x)  # build
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        cuda_backend.forward(layer, x)
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events()]
+    names = launched_kernels(lambda: cuda_backend.forward(layer, x))
     gemm = [n for n in names if "w4a4_gemm_kernel" in n]
     quant = [n for n in names if "quantize_act_lora_down_kernel" in n]
     if mma_path is cuda_backend.WGMMA_PATH:
