@@ -7,7 +7,8 @@
 //
 // Two kernels (DESIGN.md §2, §4):
 //   A  quantize_act_lora_down_kernel   one read of x: smooth, per-row 64-group scales, 4-bit codes,
-//                                      and lora_act = x . lora_down^T in fp32.
+//                                      and lora_act = x . lora_down^T (bf16/fp16 tensor cores, fp32
+//                                      sums; K split across warps and blocks, summed in a fixed order).
 //   B  w4a4_gemm_kernel                4-bit codes from memory, sign-extended to int8 in registers,
 //                                      multiplied with mma.sync m16n8k32 s8.s8.s32; every 64-wide
 //                                      group's int32 sums are rescaled into fp32 accumulators; the
@@ -77,6 +78,7 @@
 #include <cuda_fp8.h>
 #include <stdint.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "w4a4_int8.h"
@@ -111,22 +113,12 @@ template <> struct Dtype<__half> {
   static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
 };
 
-// 4 (8) consecutive 16-bit values -> fp32, from one 8-byte (16-byte) load.
+// 4 consecutive 16-bit values -> fp32, from one 8-byte load.
 template <typename T>
 __device__ __forceinline__ void load4_float(const T* __restrict__ p, float (&v)[4]) {
   const uint2 raw = __ldg(reinterpret_cast<const uint2*>(p));
   const float2 lo = Dtype<T>::to_float2(raw.x), hi = Dtype<T>::to_float2(raw.y);
   v[0] = lo.x; v[1] = lo.y; v[2] = hi.x; v[3] = hi.y;
-}
-template <typename T>
-__device__ __forceinline__ void load8_float(const T* __restrict__ p, float* v) {
-  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = Dtype<T>::to_float2(w[i]);
-    v[2 * i] = f.x; v[2 * i + 1] = f.y;
-  }
 }
 
 // A lane's two words of one row's 64-chunk (the layout comment above). chunk = the row's 32 bytes;
@@ -274,23 +266,56 @@ struct MmaS8m16n8k32 {
   }
 };
 
+// Division without branches, bit-identical to __fdiv_rn. nvcc compiles an IEEE fp32 division (div.rn.f32;
+// SASS of sm_75 .. sm_120) to a fast path - y = MUFU.RCP(b) refined by one Newton step, q = a * y, then one
+// fma correction q + (a - b q) y - which it takes whenever the check FCHK finds ordinary operands (not
+// zero, subnormal, infinite or NaN, exponents away from the ends of the range), and to a call of a slow
+// routine otherwise: a branch per division, around which ptxas does not interleave the next division, so
+// 64 divisions per 64-group made kernel A latency-bound. RoundedDivisor computes y once per divisor with
+// the same instructions, and fast_quotient is the same 3 FMAs: __fdiv_rn(a, b) wherever __fdiv_rn takes its
+// fast path, which it certainly does for `ordinary` divisors, |b| in [2^-50, 2^50], and ordinary dividends,
+// |a| in [2^-60, 2^56]. The callers check that per 64-group and redo the group with __fdiv_rn otherwise
+// (one branch, rarely taken: all-zero or extreme values). .scratch's test of it: 8.9e9 random and
+// near-tie quotients on an H100, all bit-equal to __fdiv_rn.
+struct RoundedDivisor {
+  static constexpr float kDivisorMin = 0x1p-50f, kDivisorMax = 0x1p50f;     // ordinary divisors' magnitudes
+  static constexpr float kDividendMin = 0x1p-60f, kDividendMax = 0x1p56f;   // ordinary dividends' magnitudes
+  float b, y;
+  bool ordinary;
+  __device__ __forceinline__ explicit RoundedDivisor(float divisor) : b(divisor) {
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(divisor));  // MUFU.RCP
+    y = fmaf(r, fmaf(-divisor, r, 1.f), r);
+    ordinary = fabsf(divisor) >= kDivisorMin && fabsf(divisor) <= kDivisorMax;
+  }
+  __device__ __forceinline__ float fast_quotient(float a) const {
+    const float q = a * y;
+    return fmaf(y, fmaf(-b, q, a), q);
+  }
+};
+
 // Kernel A's quantizer for one 64-column chunk of a lane's two rows, shared with the MLP kernel
 // (w4a4_mlp.cuh). xs[h][j][b] is the smoothed value of row half h at k = Layout::run_k(j, tid) + b;
 // the 4 lanes of a gid hold the rows' chunk between them, so all 32 lanes must call it together.
 // Out: per row half the lane's two words (layout comment above), and the scale of scale group tid.
-template <bool kUnsigned, typename Layout>
+// Only row halves kHalf0 .. kHalf1 - 1 are read and written: kernel A quantizes one row half at a time,
+// so that the other's 16 fp32 values are not live meanwhile (register pressure).
+template <bool kUnsigned, typename Layout, int kHalf0 = 0, int kHalf1 = 2>
 __device__ __forceinline__ void quantize_lane_chunk(const float (&xs)[2][4][4], int tid, uint32_t (&words)[2][2],
                                                     float (&my_scale)[2]) {
   // Per step (INT4: the whole 64-group; NVFP4: 16-groups, see quant_steps in w4a4_nvfp4.cuh) and row
   // half: the scale of the lane's group, then the codes of its runs. One group at a time keeps few
   // values live.
-  words[0][0] = words[0][1] = words[1][0] = words[1][1] = 0u;
-  my_scale[0] = my_scale[1] = 0.f;  // the scale this lane stores per row half: scale group tid
+#pragma unroll
+  for (int h = kHalf0; h < kHalf1; ++h) {
+    words[h][0] = words[h][1] = 0u;
+    my_scale[h] = 0.f;  // the scale this lane stores per row half: scale group tid
+  }
 #pragma unroll
   for (int t = 0; t < quant_steps<Layout>(); ++t) {
     float scale[2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
+    for (int h = kHalf0; h < kHalf1; ++h) {
       // Signed: absmax. Unsigned: max clamped at 0 (numerics.quantize_act_int4).
       float amax = 0.f;
 #pragma unroll
@@ -313,26 +338,55 @@ __device__ __forceinline__ void quantize_lane_chunk(const float (&xs)[2][4][4], 
         if (Layout::step_of_group(tid) == t) my_scale[h] = owner;
       }
     }
+    if constexpr (kE2M1Codes<Layout>) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (quant_step<Layout>(j) != t) continue;
+      for (int j = 0; j < 4; ++j) {
+        if (quant_step<Layout>(j) != t) continue;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
+        for (int h = kHalf0; h < kHalf1; ++h) {
 #pragma unroll
-        for (int b = 0; b < 4; ++b) {
-          uint32_t nibble;
-          if constexpr (kE2M1Codes<Layout>) {
+          for (int b = 0; b < 4; ++b) {
+            uint32_t nibble;
             nibble = e2m1_code(xs[h][j][b], scale[h]);
-          } else {
-            // code = round_half_even(xs / scale) (IEEE division), clamped; scale 0 -> code 0.
-            float q = 0.f;
-            if (scale[h] > 0.f) {
-              q = rintf(__fdiv_rn(xs[h][j][b], scale[h]));
-              q = kUnsigned ? fminf(fmaxf(q, 0.f), 15.f) : fminf(fmaxf(q, -7.f), 7.f);
-            }
-            nibble = static_cast<uint32_t>(static_cast<int>(q)) & 0xFu;
+            words[h][j / 2] |= nibble << (16 * (j % 2) + 4 * b);
           }
-          words[h][j / 2] |= nibble << (16 * (j % 2) + 4 * b);
+        }
+      }
+    } else {
+      // INT4: code = round_half_even(xs / scale) (IEEE division), clamped; scale 0 -> code 0 (the words stay
+      // 0). The 16 divisions of a row half share the scale (RoundedDivisor). Their dividends need no check:
+      // |xs| <= 15 scale (max / 15, absmax / 7), except an unsigned input's negative values, whose code is 0
+      // for any quotient (NaN included: fmaxf(NaN, 0) = 0); and the quotient of a dividend below 2^-60 is
+      // below 2^-10, code 0 either way.
+#pragma unroll
+      for (int h = kHalf0; h < kHalf1; ++h) {
+        if (!(scale[h] > 0.f)) continue;
+        const RoundedDivisor by_scale(scale[h]);
+        float q[4][4];
+        if (by_scale.ordinary) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int b = 0; b < 4; ++b) q[j][b] = by_scale.fast_quotient(xs[h][j][b]);
+        } else {  // rare: a tiny or huge scale
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int b = 0; b < 4; ++b) q[j][b] = __fdiv_rn(xs[h][j][b], scale[h]);
+        }
+        // Clamp, then round and take the integer's low 4 bits in one add: q + 1.5 * 2^23 (|q| <= 15) rounds
+        // to an integer, half to even as rintf does, and holds it, two's complement, in its low mantissa
+        // bits. The same codes as rintf, clamp, int conversion (the clamps' bounds are integers, so rounding
+        // commutes with them; a NaN quotient clamps to the lower bound either way) without the slower
+        // FRND and F2I.
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+          for (int b = 0; b < 4; ++b) {
+            const float c = kUnsigned ? fminf(fmaxf(q[j][b], 0.f), 15.f) : fminf(fmaxf(q[j][b], -7.f), 7.f);
+            const uint32_t nibble = __float_as_uint(c + 0x1.8p23f) & 0xFu;
+            words[h][j / 2] |= nibble << (16 * (j % 2) + 4 * b);
+          }
         }
       }
     }
@@ -340,143 +394,419 @@ __device__ __forceinline__ void quantize_lane_chunk(const float (&xs)[2][4][4], 
 }
 
 // ================================================================================================
-// Kernel A: activation quantization + low-rank down projection.
+// Kernel A: activation quantization + low-rank down projection, one read of x.
 //
-// One block owns 16 rows (one m16 tile) and walks K in chunks of 8 groups (512 columns):
-//   phase 1  warp w quantizes group (chunk + w) of the 16 rows. Lane (gid, tid) loads exactly the
-//            32 values it must pack (rows gid and gid+8, k = Layout::run_k(j, tid) + b: the GEMM
-//            flavour's runs), so its words are built in registers and stored where the GEMM's lane
-//            of the same (gid, tid) loads them. The 4 lanes sharing a gid hold one row's group
-//            between them: a 2-step shuffle gives the absmax. The raw x values also go to shared
-//            memory for phase 2.
-//   phase 2  warp w computes the chunk's partial x . lora_down[r]^T for ranks r = w, w+8, ...:
-//            lanes split the chunk's columns, a butterfly shuffle sums each of the 16 rows, and
-//            lane m adds row m's partial to the block's fp32 accumulator in shared memory.
-// x is read from global memory exactly once.
+// Work split. A warp owns one row tile (16 rows, the MMA's m16) and a *segment*: groups_per_warp
+// consecutive 64-groups of K. A block of 8 warps holds 2 row tiles x 4 consecutive segments of those rows
+// (QuantizePlan: tiles_per_block x 8 / tiles_per_block); the grid is row blocks x splits, split s of a row
+// block taking the next 4 segments along K. So small M still fills the GPU (M = 256, K = 3072: 768 warps
+// of one group each), and large M gets long segments, few partial sums and whole waves of blocks
+// (quantize_plan, on the host, picks groups_per_warp).
+//
+// Per 64-group a warp:
+//   1. has x in registers: lane (gid, tid) loads exactly the 32 values it must pack (rows gid and gid+8,
+//      k = Layout::run_k(j, tid) + b: the GEMM flavour's runs), one 8-byte load per run and row; group
+//      g+1's loads are issued after group g's MMAs and are in flight while group g is quantized.
+//   2. low-rank down on the tensor cores: those registers, as they are, are the A fragments of four
+//      mma.sync.m16n8k16 (bf16/fp16 products, exact in fp32; fp32 accumulate) per 8 ranks, MMA j taking
+//      run j of every lane. The MMA's fragments (PTX ISA "Matrix Fragments for mma.m16n8k16" with
+//      16-bit floating point types), lane = 4*gid + tid, two values per register, the lower k low:
+//        A (16x16)  a0: row gid, k 2tid, 2tid+1    a1: row gid+8, k 2tid, 2tid+1
+//                   a2: row gid, k 2tid+8, +9      a3: row gid+8, k 2tid+8, +9
+//        B (16x8)   b0: col gid, k 2tid, 2tid+1    b1: col gid, k 2tid+8, +9
+//        C (16x8)   c0, c1: row gid, cols 2tid, 2tid+1    c2, c3: row gid+8, same cols
+//      Lane tid supplies the MMA's k slots 2tid, 2tid+1, 2tid+8, 2tid+9 in A and in B alike, and a dot
+//      product does not depend on the order of its k: so slot 2tid+b (b < 2) and 2tid+8+(b-2) may hold
+//      any k as long as A and B agree lane by lane. MMA j gives them k = run_k(j, tid) + b, so the
+//      8 bytes of x a lane loaded for run j and rows gid / gid+8 are a0 / a1 (values 0, 1) and a2 / a3
+//      (values 2, 3), and b0 / b1 are the 8 bytes of lora_down[rank 8n + gid] at the same k (rank =
+//      column; lora_down [R, K] has k contiguous: one 8-byte load per run, 16 bytes where two runs
+//      are adjacent). The four lanes of a gid own disjoint runs, and the four runs of a lane cover the
+//      group, so each MMA sums 16 distinct k and the four MMAs the group's 64.
+//      Ranks are taken 32 at a time (4 rank tiles of 8). The accumulators (the C fragments, 16 fp32 per
+//      lane) live in the warp's part of shared memory (seg_sum) between groups: kept in registers through
+//      the quantizer they made ptxas spill at the 128 registers that 2 blocks per SM allow. A rank above
+//      32 costs one more pass over the segment, which reads x again (from L2: the block just read it) but
+//      does not quantize again.
+//   3. quantizes (first pass only): smooth (fp32 add of the unsigned shift, IEEE division by smooth), per
+//      row absmax by shuffles between the 4 lanes of a gid, codes (quantize_lane_chunk), and stores the
+//      lane's words where the GEMM's lane of the same (gid, tid) loads them, and the scales. The divisions
+//      are RoundedDivisor's: bit-identical to __fdiv_rn without its per-division branch (above).
+// Then the block adds its segments' accumulators, in segment order, in shared memory, and writes lora_act
+// (one split), or its split's partial sums to a workspace, lora_partials [splits][M_pad][R16]. In the
+// second case the block counts itself in on its row block's counter (atomicAdd after a __threadfence, as
+// in the CUDA threadFenceReduction sample); the last block of the row block to arrive adds the splits'
+// partials in split order, writes lora_act and sets the counter back to 0 (the bindings keep one
+// zero-initialized counter buffer per device and stream). No fp32 atomics: every sum has an order fixed
+// by the plan, i.e. by the shape and the GPU's SM count, so lora_act is the same bit for bit on every run.
+//
+// sm_75 has no bf16 MMA and its f16 one is m16n8k8: mma_m16n8k16_f32 below takes two of those for fp16,
+// and computes the same fragment product on the CUDA cores for bf16; the kernel is otherwise the same.
 // ================================================================================================
 
-constexpr int kQuantRows = 16;
+constexpr int kQuantRows = 16;  // a row tile: the MMA's m16
 constexpr int kQuantWarps = 8;
 constexpr int kQuantThreads = kQuantWarps * 32;
-constexpr int kQuantChunkGroups = kQuantWarps;          // one group per warp per chunk
-constexpr int kQuantChunkK = kQuantChunkGroups * kGroup;  // 512 columns
-constexpr int kQuantSmemPad = 8;                          // elements; keeps rows 16-byte aligned
+constexpr int kQuantRankChunk = 32;                      // ranks per pass over a segment
+constexpr int kQuantRankTiles = kQuantRankChunk / 8;     // n8 tiles: 16 fp32 accumulators per lane
+constexpr int kQuantSumStride = kQuantRankChunk + 8;     // floats per seg_sum row (banks: the kernel)
+// quantize_plan's model: a block costs about groups_per_warp + kQuantBlockCostGroups groups' time; segments
+// of at most kQuantMaxGroupsPerWarp groups (the longest measured).
+constexpr int kQuantBlockCostGroups = 2;
+constexpr int kQuantMaxGroupsPerWarp = 16;
 
-// Launch bounds: ptxas for sm_120 otherwise caps this kernel at 64 registers (4 blocks per SM, more
-// than its shared memory allows) and spills; 2 blocks per SM leave it 128.
+// d += A(16x16) * B(16x8): T = bf16 or fp16 inputs, fp32 accumulate (fragments as in the comment above).
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16_f32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (kBf16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+#elif defined(__CUDA_ARCH__)
+  if constexpr (!kBf16) {
+    // Turing's f16 MMA is m16n8k8 (A: a0 row gid, a1 row gid+8 at k 2tid, 2tid+1; B: b0): slots 0..7
+    // of the k16 fragments are {a0, a1} x b0, slots 8..15 {a2, a3} x b1.
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(b0));
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[2]), "r"(a[3]), "r"(b1));
+  } else {
+    // No bf16 MMA before sm_80: the same product on the CUDA cores. Lane (gid, t) holds rows gid, gid+8
+    // of A and column gid of B at the k slots of t; output (row gid + 8h, column 2tid + e) gathers them.
+    // Not unrolled: four copies of the shuffles hold too many registers and spill.
+    const int lane = threadIdx.x % 32, gid = lane / 4, tid = lane % 4;
+#pragma unroll 1
+    for (int t = 0; t < 4; ++t) {
+      uint32_t a_t[4], b_t[2][2];  // a_t: the four A registers of lane (gid, t); b_t[e]: column 2tid + e
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a_t[i] = __shfl_sync(0xffffffffu, a[i], 4 * gid + t);
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        b_t[e][0] = __shfl_sync(0xffffffffu, b0, 4 * (2 * tid + e) + t);
+        b_t[e][1] = __shfl_sync(0xffffffffu, b1, 4 * (2 * tid + e) + t);
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+#pragma unroll
+          for (int s = 0; s < 2; ++s) {  // k slots 2t, 2t+1 (s = 0) and 2t+8, 2t+9 (s = 1)
+            const float2 x = Dtype<T>::to_float2(a_t[2 * s + h]), w = Dtype<T>::to_float2(b_t[e][s]);
+            d[2 * h + e] = fmaf(x.x, w.x, d[2 * h + e]);
+            d[2 * h + e] = fmaf(x.y, w.y, d[2 * h + e]);
+          }
+        }
+      }
+    }
+  }
+#endif
+}
+
+// How a launch splits the work (see the kernel's comment): chosen on the host from the shape alone
+// (quantize_plan), passed to the kernel.
+struct QuantizePlan {
+  int tiles_per_block;  // row tiles per block: 1, 2, 4 or 8; the block's 8 warps hold 8 / this segments
+  int groups_per_warp;  // 64-groups per segment
+  int splits;           // blocks per row block, along K
+  int row_blocks;       // M_pad / (16 * tiles_per_block)
+  int64_t partial_floats;  // workspace lora_partials: splits * M_pad * R16 if splits > 1 and R16 > 0, else 0
+};
+
+// x of group g at the lane's runs, rows gid / gid+8 of its tile: raw[h][j] = 4 values of T at k =
+// g*64 + run_k(j, tid), zeros for rows past M (padding) and k past K (NVFP4's last chunk). lane_x[h] =
+// x + row * ldx + run_k(0, tid): run_k(j, tid) - run_k(0, tid) does not depend on tid in any layout, so
+// the four loads are one pointer and immediate offsets (fewer registers than a pointer per load).
+template <typename T, typename Layout>
+__device__ __forceinline__ void load_x_group(const T* const (&lane_x)[2], const bool (&row_valid)[2], int K, int g,
+                                             int tid, uint2 (&raw)[2][4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int dk = Layout::run_k(j, tid) - Layout::run_k(0, tid);
+    const bool k_valid = g * kGroup + Layout::run_k(j, tid) < K;  // a run of 4 never straddles K (a multiple of 16)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      raw[h][j] = row_valid[h] && k_valid ? __ldg(reinterpret_cast<const uint2*>(lane_x[h] + g * kGroup + dk))
+                                          : make_uint2(0u, 0u);
+  }
+}
+
+// sums += x(the tile's 16 rows, group g) . lora_down(ranks r0 .. r0 + 31, group g)^T, n8 tile n of the
+// ranks at columns 8n .. 8n+7 of sums (the warp's part of seg_sum: this lane's C fragment elements, row
+// gid + 8(e/2), column 8n + 2tid + e%2). raw[h][j] is the A fragment of MMA j as loaded (kernel comment);
+// b = {b0, b1} of MMA j is lora_down[r0 + 8n + gid] at k = g*64 + run_k(j, tid) + 0..3, zeros for ranks
+// past R (so tiles past the pass's ranks add zeros, unread) and k past K. Runs 2p and 2p+1 are one 16-byte
+// load where the layout has them adjacent (all but E2M1Layout); an access unit lies inside one 16-group,
+// so NVFP4's K tail (k_left a multiple of 16) takes or skips it whole.
+template <typename T, typename Layout>
+__device__ __forceinline__ void lora_down_group(volatile float (*sums)[kQuantSumStride], const uint2 (&raw)[2][4],
+                                                const T* __restrict__ lora_down, int K, int R, int r0, int g, int gid,
+                                                int tid) {
+  const int k_left = K - g * kGroup;  // < 64 only in NVFP4's last chunk
+  uint2 b[kQuantRankTiles][4];
+#pragma unroll
+  for (int n = 0; n < kQuantRankTiles; ++n) {
+    const int rank = r0 + 8 * n + gid;
+    const bool in = rank < R;
+    const T* src = lora_down + static_cast<int64_t>(rank) * K + g * kGroup;
+    if constexpr (Layout::kAdjacentRuns >= 2) {
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {
+        const int k = Layout::run_k(2 * p, tid);
+        const uint4 v = in && k < k_left ? __ldg(reinterpret_cast<const uint4*>(src + k)) : make_uint4(0u, 0u, 0u, 0u);
+        b[n][2 * p] = make_uint2(v.x, v.y);
+        b[n][2 * p + 1] = make_uint2(v.z, v.w);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int k = Layout::run_k(j, tid);
+        b[n][j] = in && k < k_left ? __ldg(reinterpret_cast<const uint2*>(src + k)) : make_uint2(0u, 0u);
+      }
+    }
+  }
+  // Per rank tile: its accumulators from shared memory, its four MMAs, back.
+#pragma unroll
+  for (int n = 0; n < kQuantRankTiles; ++n) {
+    float acc[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[e] = sums[gid + 8 * (e / 2)][8 * n + 2 * tid + e % 2];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t a[4] = {raw[0][j].x, raw[1][j].x, raw[0][j].y, raw[1][j].y};
+      mma_m16n8k16_f32<T>(acc, a, b[n][j].x, b[n][j].y);
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) sums[gid + 8 * (e / 2)][8 * n + 2 * tid + e % 2] = acc[e];
+  }
+}
+
+// Quantize group g of the lane's two rows from the raw x it loaded, and store codes and scales.
 template <typename T, bool kUnsigned, typename Layout>
-__global__ void __launch_bounds__(kQuantThreads, 2)
-quantize_act_lora_down_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ smooth,
-                              const T* __restrict__ lora_down, int M, int K, int M_pad, int R, int R16,
-                              uint8_t* __restrict__ act_packed, float* __restrict__ act_scales,
-                              float* __restrict__ lora_act) {
-  extern __shared__ float lora_acc[];  // [R][16]: this block's x . lora_down^T, fp32
-  __shared__ __align__(16) T x_raw[kQuantRows][kQuantChunkK + kQuantSmemPad];
-
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int gid = lane / 4, tid = lane % 4;
-  const int row_base = blockIdx.x * kQuantRows;
-  const int G = (K + kGroup - 1) / kGroup;  // NVFP4: K is a multiple of 16; the last chunk is zero-padded
+__device__ __forceinline__ void quantize_group(const QuantizeArgs& a, const uint2 (&raw)[2][4], const int (&rows)[2],
+                                               const bool (&row_valid)[2], int g, int tid) {
+  const T* smooth = static_cast<const T*>(a.smooth);
+  const int K = a.K, M_pad = a.M_pad, G = (K + kGroup - 1) / kGroup;
   // Bytes per token: two codes per byte, or one E4M3 byte per code (the wgmma path).
   const int64_t act_row_bytes = static_cast<int64_t>(G) * (kE4M3Bytes<Layout> ? kGroup : kGroup / 2);
   constexpr int kScaleGroups = ScaleGroupsOf<Layout>::value;  // per 64 columns: 1 (INT4) or 4 (NVFP4)
+  uint8_t* act_packed = a.act_packed;
+  float* act_scales = a.act_scales;
 
-  for (int i = threadIdx.x; i < R * kQuantRows; i += kQuantThreads) lora_acc[i] = 0.f;
-
-  // The two rows this lane quantizes; rows past M are padding and quantize as zeros (codes 0,
-  // scale 0, lora_act 0) - NOT as the shifted value, which would be non-zero for unsigned input.
-  const int rows[2] = {row_base + gid, row_base + gid + 8};
-  const bool row_valid[2] = {rows[0] < M, rows[1] < M};
-
-  for (int g0 = 0; g0 < G; g0 += kQuantChunkGroups) {
-    const int chunk_groups = min(kQuantChunkGroups, G - g0);
-
-    // ---------------- phase 1: quantize one 16x64 group per warp
-    if (warp < chunk_groups) {
-      const int g = g0 + warp;
-      float xs[2][4][4];  // [row half][run j][b]: smoothed values at k = g*64 + Layout::run_k(j, tid) + b
+  // Spec (numerics.smooth_input): fp32 add of the shift, then IEEE fp32 division by smooth, here by
+  // RoundedDivisor (one per column, for both rows); the group is redone with __fdiv_rn unless every
+  // divisor and every dividend of a row in M is in its fast path's range (the smallest and largest
+  // magnitudes tell: a zero or an infinity fails; a NaN passes, and its code is the same either way).
+  // Rows past M are padding and quantize as zeros (codes 0, scale 0) - NOT as the shifted value, which is
+  // non-zero for unsigned input.
+  auto shifted = [&](const uint2 (&src)[2][4], int h, int j, int b) {
+    float xf = Dtype<T>::to_float(reinterpret_cast<const T*>(&src[h][j])[b]);
+    if (kUnsigned) xf = __fadd_rn(xf, 0.171875f);
+    return xf;
+  };
+  float xs[2][4][4];  // [row half][run j][b]: smoothed values at k = g*64 + Layout::run_k(j, tid) + b
+  using D = RoundedDivisor;
+  float a_min[2] = {D::kDividendMax, D::kDividendMax}, a_max[2] = {D::kDividendMin, D::kDividendMin};
+  float b_min = D::kDivisorMax, b_max = D::kDivisorMin;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int k = g * kGroup + Layout::run_k(j, tid);
-        const bool k_valid = k < K;  // a run of 4 never straddles K (a multiple of 16)
-        float smv[4] = {1.f, 1.f, 1.f, 1.f};
-        if (k_valid) load4_float(smooth + k, smv);
+  for (int j = 0; j < 4; ++j) {
+    const int k = g * kGroup + Layout::run_k(j, tid);
+    float smv[4] = {1.f, 1.f, 1.f, 1.f};
+    if (k < K) load4_float(smooth + k, smv);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          uint2 raw = make_uint2(0u, 0u);  // 4 values of T (2 bytes each)
-          if (row_valid[h] && k_valid) raw = __ldg(reinterpret_cast<const uint2*>(x + rows[h] * ldx + k));
-          *reinterpret_cast<uint2*>(&x_raw[gid + 8 * h][warp * kGroup + Layout::run_k(j, tid)]) = raw;
-          const T* v = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-          for (int b = 0; b < 4; ++b) {
-            // Spec (numerics.smooth_input): fp32 add of the shift, then IEEE fp32 division.
-            float xf = Dtype<T>::to_float(v[b]);
-            if (kUnsigned) xf = __fadd_rn(xf, 0.171875f);
-            xs[h][j][b] = row_valid[h] ? __fdiv_rn(xf, smv[b]) : 0.f;
-          }
-        }
-      }
-
-      uint32_t words[2][2];
-      float my_scale[2];
-      quantize_lane_chunk<kUnsigned, Layout>(xs, tid, words, my_scale);
+    for (int b = 0; b < 4; ++b) {
+      const RoundedDivisor by_smooth(smv[b]);
+      b_min = fminf(b_min, fabsf(smv[b]));
+      b_max = fmaxf(b_max, fabsf(smv[b]));
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        if constexpr (kE4M3Bytes<Layout>) {
-          store_e4m3_codes<kUnsigned>(act_packed + rows[h] * act_row_bytes + g * kGroup, tid, words[h]);
-          if (tid == 0) act_scales[static_cast<int64_t>(g) * M_pad + e4m3_scale_slot(rows[h])] = my_scale[h];
-        } else {
-          store_words<Layout>(act_packed + rows[h] * act_row_bytes + g * (kGroup / 2), tid, words[h][0], words[h][1]);
-          // Every lane of a row computed all its scales; lane tid stores scale group tid.
-          if (tid < kScaleGroups)
-            act_scales[(static_cast<int64_t>(g) * kScaleGroups + tid) * M_pad + rows[h]] = my_scale[h];
-        }
+        const float xf = shifted(raw, h, j, b);
+        xs[h][j][b] = by_smooth.fast_quotient(xf);
+        a_min[h] = fminf(a_min[h], fabsf(xf));
+        a_max[h] = fmaxf(a_max[h], fabsf(xf));
       }
     }
-    __syncthreads();  // x_raw complete
+  }
+  bool fast = b_min >= D::kDivisorMin && b_max <= D::kDivisorMax;
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+    fast = fast && (!row_valid[h] || (a_min[h] >= D::kDividendMin && a_max[h] <= D::kDividendMax));
+  if (!fast) {
+    // Rare: zeros or extreme values. x is loaded again (L1), so that raw need not stay live.
+    uint2 again[2][4];
+    const T* const lane_x[2] = {static_cast<const T*>(a.x) + rows[0] * a.ldx + Layout::run_k(0, tid),
+                                static_cast<const T*>(a.x) + rows[1] * a.ldx + Layout::run_k(0, tid)};
+    load_x_group<T, Layout>(lane_x, row_valid, K, g, tid, again);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int k = g * kGroup + Layout::run_k(j, tid);
+      float smv[4] = {1.f, 1.f, 1.f, 1.f};
+      if (k < K) load4_float(smooth + k, smv);
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int b = 0; b < 4; ++b) xs[h][j][b] = __fdiv_rn(shifted(again, h, j, b), smv[b]);
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int b = 0; b < 4; ++b) xs[h][j][b] = row_valid[h] ? xs[h][j][b] : 0.f;
 
-    // ---------------- phase 2: partial low-rank down product over this chunk
-    const int chunk_k = min(chunk_groups * kGroup, K - g0 * kGroup);
-    for (int r = warp; r < R; r += kQuantWarps) {
-      // Lane covers chunk columns lane*8 .. +7 and 256 + lane*8 .. +7 (chunk_k is a multiple of 16,
-      // so a lane's 8 columns are all in range or all out).
-      float d[2][8];
+  // One row half at a time (quantize_lane_chunk's kHalf0, kHalf1): fewer values live.
+  uint32_t words[2][2];
+  float my_scale[2];
+  quantize_lane_chunk<kUnsigned, Layout, 0, 1>(xs, tid, words, my_scale);
+  quantize_lane_chunk<kUnsigned, Layout, 1, 2>(xs, tid, words, my_scale);
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int c = half * 256 + lane * 8;
-        if (c < chunk_k) {
-          load8_float(lora_down + static_cast<int64_t>(r) * K + g0 * kGroup + c, d[half]);
-        } else {
-#pragma unroll
-          for (int e = 0; e < 8; ++e) d[half][e] = 0.f;
-        }
-      }
-      float mine = 0.f;  // lane m (< 16) keeps row m's chunk sum
-#pragma unroll 4
-      for (int m = 0; m < kQuantRows; ++m) {
-        float p = 0.f;
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int c = half * 256 + lane * 8;
-          if (c < chunk_k) {
-            const uint4 raw = *reinterpret_cast<const uint4*>(&x_raw[m][c]);
-            const T* v = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) p = fmaf(Dtype<T>::to_float(v[e]), d[half][e], p);
-          }
-        }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) p += __shfl_xor_sync(0xffffffffu, p, off);
-        if (lane == m) mine = p;
-      }
-      if (lane < kQuantRows) lora_acc[r * kQuantRows + lane] += mine;  // only warp (r % 8) owns rank r
+  for (int h = 0; h < 2; ++h) {
+    if constexpr (kE4M3Bytes<Layout>) {
+      store_e4m3_codes<kUnsigned>(act_packed + rows[h] * act_row_bytes + g * kGroup, tid, words[h]);
+      if (tid == 0) act_scales[static_cast<int64_t>(g) * M_pad + e4m3_scale_slot(rows[h])] = my_scale[h];
+    } else {
+      store_words<Layout>(act_packed + rows[h] * act_row_bytes + g * (kGroup / 2), tid, words[h][0], words[h][1]);
+      // Every lane of a row computed all its scales; lane tid stores scale group tid.
+      if (tid < kScaleGroups) act_scales[(static_cast<int64_t>(g) * kScaleGroups + tid) * M_pad + rows[h]] = my_scale[h];
     }
-    __syncthreads();  // x_raw reused by the next chunk; lora_acc visible at the end
+  }
+}
+
+// Launch bounds: 2 blocks of 256 threads per SM leave ptxas 128 registers, which it uses (two groups of x,
+// the quantizer's fp32 values and reciprocals, a rank tile's lora_down fragments; the accumulators wait in
+// shared memory). On sm_75 ptxas spills a few bytes within 128 registers: one block per SM there (Turing
+// has 64K registers per SM; its bandwidth needs fewer loads in flight).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+constexpr int kQuantMinBlocks = 1;
+#else
+constexpr int kQuantMinBlocks = 2;
+#endif
+
+template <typename T, bool kUnsigned, typename Layout>
+__global__ void __launch_bounds__(kQuantThreads, kQuantMinBlocks)
+quantize_act_lora_down_kernel(const QuantizeArgs a, const QuantizePlan plan) {
+  // seg_sum[w][m][r]: warp w's accumulators of this pass's ranks, row m of its tile (lora_down_group).
+  // 40 floats per row: a warp's accesses to one C element of its lanes (row gid + 8h, rank 8n + 2tid + e)
+  // hit 16 banks twice each, rather than 4 banks 8 times with 32.
+  __shared__ __align__(16) float seg_sum[kQuantWarps][kQuantRows][kQuantSumStride];
+  __shared__ bool last_block;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int gid = lane / 4, tid = lane % 4;
+  const int M = a.M, K = a.K, M_pad = a.M_pad, R = a.R, R16 = a.R16;
+  const int G = (K + kGroup - 1) / kGroup;  // NVFP4: K is a multiple of 16; the last chunk is zero-padded
+  const T* x = static_cast<const T*>(a.x);
+  const T* lora_down = static_cast<const T*>(a.lora_down);
+
+  // This block: row block blockIdx.x / splits, split blockIdx.x % splits (a row block's splits are
+  // neighbours in launch order, so its partial sums are still in L2 when its last block adds them).
+  const int tiles_per_block = plan.tiles_per_block, segments_per_block = kQuantWarps / tiles_per_block;
+  const int row_block = blockIdx.x / plan.splits, split = blockIdx.x % plan.splits;
+  const int block_rows = tiles_per_block * kQuantRows, block_row = row_block * block_rows;
+  // This warp: row tile warp % tiles_per_block of the block, segment warp / tiles_per_block of the split
+  // (warps of one segment are neighbours: they read the same lora_down, which L1 then serves).
+  const int tile = warp % tiles_per_block, segment = warp / tiles_per_block;
+  const int row_base = block_row + tile * kQuantRows;
+  const int g_begin = (split * segments_per_block + segment) * plan.groups_per_warp;
+  const int g_end = min(G, g_begin + plan.groups_per_warp);  // empty for segments past K
+
+  // The two rows this lane quantizes; rows past M are padding: zeros in, zeros out (codes, scales, lora_act).
+  const int rows[2] = {row_base + gid, row_base + gid + 8};
+  const bool row_valid[2] = {rows[0] < M, rows[1] < M};
+  const T* const lane_x[2] = {x + (row_valid[0] ? rows[0] * a.ldx + Layout::run_k(0, tid) : 0),
+                              x + (row_valid[1] ? rows[1] * a.ldx + Layout::run_k(0, tid) : 0)};
+
+  const int passes = R16 > 0 ? (R16 + kQuantRankChunk - 1) / kQuantRankChunk : 1;  // rank 0: quantize only
+  for (int pass = 0; pass < passes; ++pass) {
+    const int r0 = pass * kQuantRankChunk, rank_count = min(kQuantRankChunk, R16 - r0);  // <= 0 at rank 0
+    // The warp's fp32 accumulators (the MMAs' C fragments) stay in its part of seg_sum between groups,
+    // not in registers: the quantizer needs those 16 registers, and the block sums seg_sum at the end.
+    volatile float(*sums)[kQuantSumStride] = seg_sum[warp];
+#pragma unroll
+    for (int n = 0; n < kQuantRankTiles; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sums[gid + 8 * (e / 2)][8 * n + 2 * tid + e % 2] = 0.f;
+
+    // Group g+1's x is loaded while group g is quantized (after its MMAs, which then need fewer registers).
+    uint2 raw_next[2][4];
+    if (g_begin < g_end) load_x_group<T, Layout>(lane_x, row_valid, K, g_begin, tid, raw_next);
+    for (int g = g_begin; g < g_end; ++g) {
+      uint2 raw[2][4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) raw[h][j] = raw_next[h][j];
+      if (rank_count > 0) lora_down_group<T, Layout>(sums, raw, lora_down, K, R, r0, g, gid, tid);
+      if (g + 1 < g_end) load_x_group<T, Layout>(lane_x, row_valid, K, g + 1, tid, raw_next);
+      if (pass == 0) quantize_group<T, kUnsigned, Layout>(a, raw, rows, row_valid, g, tid);
+    }
+    if (rank_count <= 0) break;
+
+    // The block's sum of this pass's ranks: segments of the same rows added in segment order.
+    __syncthreads();
+    for (int e = threadIdx.x; e < block_rows * rank_count; e += kQuantThreads) {
+      const int m = e / rank_count, r = e % rank_count;  // row of the block, rank of the pass
+      const int t = m / kQuantRows, mt = m % kQuantRows;
+      float v = seg_sum[t][mt][r];
+      for (int s = 1; s < segments_per_block; ++s) v += seg_sum[s * tiles_per_block + t][mt][r];
+      const int64_t row = block_row + m;
+      const int rank = r0 + r;
+      if (plan.splits == 1)
+        a.lora_act[row * R16 + rank] = rank < R ? v : 0.f;
+      else
+        a.lora_partials[(static_cast<int64_t>(split) * M_pad + row) * R16 + rank] = v;
+    }
+    __syncthreads();  // seg_sum is refilled by the next pass
   }
 
-  for (int i = threadIdx.x; i < kQuantRows * R16; i += kQuantThreads) {
-    const int m = i / R16, r = i % R16;
-    lora_act[static_cast<int64_t>(row_base + m) * R16 + r] = r < R ? lora_acc[r * kQuantRows + m] : 0.f;
+  // Split K: the row block's last block to arrive adds the splits' partial sums, in split order.
+  if (plan.splits > 1 && R16 > 0) {
+    __threadfence();  // this thread's partials reach the GPU's view before the block is counted in
+    __syncthreads();
+    if (threadIdx.x == 0) last_block = atomicAdd(a.counters + row_block, 1) == plan.splits - 1;
+    __syncthreads();
+    if (!last_block) return;
+    __threadfence();
+    const int64_t split_stride = static_cast<int64_t>(M_pad) * R16;
+    const float* partials = a.lora_partials + static_cast<int64_t>(block_row) * R16;
+    float* out = a.lora_act + static_cast<int64_t>(block_row) * R16;
+    // Four outputs per thread at a time, so that 4 loads (8 with the unroll) are in flight per step.
+    constexpr int kOuts = 4;
+    for (int e0 = threadIdx.x; e0 < block_rows * R16; e0 += kOuts * kQuantThreads) {
+      float v[kOuts];
+#pragma unroll
+      for (int i = 0; i < kOuts; ++i) {
+        const int e = e0 + i * kQuantThreads;
+        v[i] = e < block_rows * R16 ? __ldcg(partials + e) : 0.f;  // L2: written by other SMs
+      }
+#pragma unroll 2
+      for (int s = 1; s < plan.splits; ++s) {
+#pragma unroll
+        for (int i = 0; i < kOuts; ++i) {
+          const int e = e0 + i * kQuantThreads;
+          if (e < block_rows * R16) v[i] += __ldcg(partials + s * split_stride + e);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kOuts; ++i) {
+        const int e = e0 + i * kQuantThreads;
+        if (e < block_rows * R16) out[e] = e % R16 < R ? v[i] : 0.f;
+      }
+    }
+    if (threadIdx.x == 0) a.counters[row_block] = 0;  // ready for the next launch on this stream
   }
 }
 
@@ -763,29 +1093,63 @@ static cudaError_t with_mma_flavour(MmaPath path, Launch&& launch) {
   return cudaErrorInvalidValue;
 }
 
-constexpr int kQuantStaticSmem = kQuantRows * (kQuantChunkK + kQuantSmemPad) * 2;  // x_raw, 2-byte input
+// Kernel A's plan (the kernel's comment says what the fields mean): two row tiles per block, and the
+// segment length that a simple model says is fastest - blocks run in waves of `slots` (2 per SM: 128
+// registers and 20 KB of shared memory each; 1 on sm_75), a block's time is about its segment length plus
+// a fixed cost of ~2 groups, so time ~ waves x (groups_per_warp + 2). On an H100 that picks the fastest or
+// nearly fastest plan of a sweep (.scratch/ka/time_kernel_a.py --sweep: 1, 2 or 4 row tiles per block,
+// 1..16 groups per warp) at every FLUX shape, M 256..4608 x K 3072..15360: wave tails otherwise cost up to
+// 30% (M = 4608, K = 3072). Two row tiles: the blocks' warps share lora_down reads (L1) in pairs, and
+// splits stay few. The plan, hence the order of lora_act's sums, depends on the shape and the GPU's SM
+// count: lora_act is the same bit for bit on every run on one GPU model, not across models (neither are
+// the tensor cores' own accumulation details).
+static QuantizePlan quantize_plan(int M_pad, int K, int R16) {
+  const int G = (K + kGroup - 1) / kGroup;
+  const int tiles = M_pad / kQuantRows;  // a multiple of 8: M_pad is one of kGemmBlockM
+  int device = 0, sms = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || sms <= 0)
+    sms = 132, major = 9;  // the launch reports the error
+  const int64_t slots = static_cast<int64_t>(sms) * (major >= 8 ? 2 : 1);
 
-cudaError_t quantize_max_rank(int device, int* max_rank) {
-  int smem_optin = 0;
-  const cudaError_t e = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  *max_rank = (smem_optin - kQuantStaticSmem) / static_cast<int>(kQuantRows * sizeof(float));
-  return e;
+  QuantizePlan p;
+  p.tiles_per_block = 2;
+  p.row_blocks = tiles / p.tiles_per_block;
+  const int segments_per_block = kQuantWarps / p.tiles_per_block;
+  int64_t best_cost = -1;
+  int previous_splits = 0;
+  for (int s = 1; s <= std::min(G, kQuantMaxGroupsPerWarp); ++s) {
+    const int splits = ((G + s - 1) / s + segments_per_block - 1) / segments_per_block;
+    if (splits == previous_splits) continue;  // the same blocks with longer segments: never better
+    previous_splits = splits;
+    const int64_t waves = (static_cast<int64_t>(p.row_blocks) * splits + slots - 1) / slots;
+    const int64_t cost = waves * (s + kQuantBlockCostGroups);
+    if (best_cost < 0 || cost < best_cost) {
+      best_cost = cost;
+      p.groups_per_warp = s;
+      p.splits = splits;
+    }
+  }
+  p.partial_floats = p.splits > 1 && R16 > 0 ? static_cast<int64_t>(p.splits) * M_pad * R16 : 0;
+  return p;
+}
+
+void quantize_workspace(int M_pad, int K, int R16, int64_t* partial_floats, int* counters) {
+  const QuantizePlan plan = quantize_plan(M_pad, K, R16);
+  *partial_floats = plan.partial_floats;
+  *counters = plan.partial_floats > 0 ? plan.row_blocks : 0;
 }
 
 template <typename T, bool U, typename Layout>
 static cudaError_t launch_quantize_typed(const QuantizeArgs& a, cudaStream_t stream) {
-  const size_t dyn_smem = static_cast<size_t>(a.R) * kQuantRows * sizeof(float);
+  const QuantizePlan plan = quantize_plan(a.M_pad, a.K, a.R16);
+  if (plan.partial_floats > 0 && (a.lora_partials == nullptr || a.counters == nullptr)) return cudaErrorInvalidValue;
+  const int64_t blocks = static_cast<int64_t>(plan.row_blocks) * plan.splits;
+  if (blocks > 0x7FFFFFFF) return cudaErrorInvalidValue;
   // E2M1 codes are signed: an unsigned request (refused by the bindings) maps to the one E2M1 kernel.
-  auto kernel = quantize_act_lora_down_kernel<T, U && !kE2M1Codes<Layout>, Layout>;
-  static_assert(sizeof(T) * kQuantRows * (kQuantChunkK + kQuantSmemPad) == kQuantStaticSmem, "x_raw size");
-  if (dyn_smem > 0) {
-    // Static x_raw takes 16.6 KB; allow the rank accumulator past the 48 KB default when needed.
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dyn_smem));
-    if (e != cudaSuccess) return e;
-  }
-  kernel<<<a.M_pad / kQuantRows, kQuantThreads, dyn_smem, stream>>>(
-      static_cast<const T*>(a.x), a.ldx, static_cast<const T*>(a.smooth), static_cast<const T*>(a.lora_down), a.M,
-      a.K, a.M_pad, a.R, a.R16, a.act_packed, a.act_scales, a.lora_act);
+  quantize_act_lora_down_kernel<T, U && !kE2M1Codes<Layout>, Layout>
+      <<<static_cast<unsigned>(blocks), kQuantThreads, 0, stream>>>(a, plan);
   return cudaGetLastError();
 }
 

@@ -30,6 +30,11 @@ struct QuantizeArgs {
   uint8_t* act_packed;      // codes [M_pad, K64/2], two per byte, low nibble = even k (K64 = K rounded up to 64)
   float* act_scales;        // [K64/group][M_pad]
   float* lora_act;          // [M_pad][R16]
+  // Split-K workspace, sized by quantize_workspace: lora_act's partial sums (fp32, any contents), and one
+  // int32 arrival counter per row block, which must be zero when the launch starts; the kernel leaves
+  // them zero. nullptr where quantize_workspace asks for none.
+  float* lora_partials;
+  int* counters;
 };
 
 struct GemmArgs {
@@ -50,8 +55,9 @@ cudaError_t launch_quantize_act_lora_down(const QuantizeArgs& args, bool input_i
                                           MmaPath path, cudaStream_t stream);
 cudaError_t launch_w4a4_gemm(const GemmArgs& args, bool is_bf16, bool act_unsigned, MmaPath path,
                              cudaStream_t stream);
-// The largest rank the quantize kernel takes on `device` (its fp32 accumulator, 64 B per rank, shares
-// the block's opt-in shared memory with a 16.6 KB staging buffer): 764 on sm_75, 1324 on sm_86/89/120.
-cudaError_t quantize_max_rank(int device, int* max_rank);
+// The workspace the quantize kernel (kernel A) needs for these sizes (any rank, no limit): partial_floats
+// fp32 values for lora_partials and `counters` int32 counters (zero-initialized once: every launch leaves
+// them zero, so a buffer may serve all launches on one stream). 0 = none.
+void quantize_workspace(int M_pad, int K, int R16, int64_t* partial_floats, int* counters);
 
 }  // namespace svdq

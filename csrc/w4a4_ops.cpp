@@ -6,6 +6,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <map>
+#include <mutex>
+
 #include "w4a16_gemv.h"
 #include "w4a4_int8.h"
 #include "w4a4_mlp.h"
@@ -114,11 +117,24 @@ KernelAShape check_kernel_a_inputs(const at::Tensor& x, const at::Tensor& smooth
   SVDQ_CHECK(M > 0 && M < (int64_t(1) << 31) - svdq::kGemmBlockM, "bad number of rows ", M);
   check_tensor(smooth, "smooth", x.scalar_type(), {K}, x.device());
   check_tensor(lora_down, "lora_down", x.scalar_type(), {R, K}, x.device());
-  int max_rank = 0;
-  check_cuda_error(svdq::quantize_max_rank(x.device().index(), &max_rank), "shared-memory query");
-  SVDQ_CHECK(R <= max_rank, "rank ", R, " is too large for the quantize kernel on this GPU (max ", max_rank,
-             ": its fp32 accumulator of 16 rows x rank must fit in a block's shared memory)");
+  SVDQ_CHECK(R < (int64_t(1) << 24), "rank ", R, " is too large");
   return {M, K, round_up(M, svdq::kGemmBlockM), R, round_up(R, 16)};
+}
+
+// Kernel A's split-K arrival counters (w4a4_int8.cu, kernel A): one int32 per row block, zero when a launch
+// starts, and every launch leaves them zero (the last block of each row block resets its own). So one
+// zero-filled buffer per device and stream serves every launch: launches on one stream run one after the
+// other, launches on different streams never share a buffer. A launch that needs more counters gets a new,
+// larger zero-filled buffer (allocated on that stream, so ordered before it). A few KB each, kept for the
+// life of the process (the map is never destroyed, so no CUDA memory is freed during exit).
+int* split_k_counters(const at::Device& dev, cudaStream_t stream, int64_t count) {
+  static std::mutex mutex;
+  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& counters = (*buffers)[{dev.index(), stream}];
+  if (!counters.defined() || counters.numel() < count)
+    counters = at::zeros({std::max<int64_t>(count, 4096)}, at::TensorOptions().dtype(at::kInt).device(dev));
+  return counters.data_ptr<int>();
 }
 
 template <typename Launch>
@@ -150,7 +166,15 @@ std::vector<at::Tensor> run_kernel_a(const at::Tensor& x, const at::Tensor& smoo
   a.act_packed = act.data_ptr<uint8_t>();
   a.act_scales = act_scales.data_ptr<float>();
   a.lora_act = lora_act.data_ptr<float>();
-  check_cuda_error(launch(a, c10::cuda::getCurrentCUDAStream().stream()), "quantize kernel (kernel A)");
+  // The split-K workspace: partial sums from the caching allocator (stream-ordered, any contents), counters.
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  int64_t partial_floats = 0;
+  int counters = 0;
+  svdq::quantize_workspace(a.M_pad, a.K, a.R16, &partial_floats, &counters);
+  at::Tensor partials = partial_floats > 0 ? at::empty({partial_floats}, f32) : at::Tensor();
+  a.lora_partials = partials.defined() ? partials.data_ptr<float>() : nullptr;
+  a.counters = counters > 0 ? split_k_counters(dev, stream, counters) : nullptr;
+  check_cuda_error(launch(a, stream), "quantize kernel (kernel A)");
   return {act, act_scales, lora_act};
 }
 
@@ -372,7 +396,7 @@ at::Tensor w4a16_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::
 }
 
 // ------------------------------------------------------------------------------------------------
-// The sm_90a wgmma path (csrc/w4a4_sm90a.cu): INT4 layers with N % 128 == 0 and K % 128 == 0 on an sm_90
+// The sm_90a wgmma path (csrc/w4a4_sm90a.cu): INT4 layers with N % 64 == 0 and K % 128 == 0 on an sm_90
 // GPU (nunchaku_ext/backends/cuda.py decides; the other shapes take the mma.sync path).
 
 void check_sm90(const at::Device& dev) {
@@ -401,7 +425,7 @@ std::vector<at::Tensor> quantize_act_sm90a(const at::Tensor& x, const at::Tensor
 
 // The wgmma GEMM with the fused epilogue: y [M, N] in the layer's dtype T. act / act_scales / lora_act as
 // quantize_act_sm90a returns them; the layer's tensors as for w4a4_gemm (INT4): qweight uint8 [N, K/2],
-// wscales T [K/64, N], lora_up T [N, R], bias T [N] or none. N % 128 == 0, K % 128 == 0.
+// wscales T [K/64, N], lora_up T [N, R], bias T [N] or none. N % 64 == 0, K % 128 == 0.
 at::Tensor w4a4_gemm_sm90a(const at::Tensor& act, const at::Tensor& act_scales, const at::Tensor& lora_act,
                            const at::Tensor& qweight, const at::Tensor& wscales, const at::Tensor& lora_up,
                            c10::optional<at::Tensor> bias, int64_t M, c10::optional<at::Tensor> out_opt) {
@@ -409,8 +433,8 @@ at::Tensor w4a4_gemm_sm90a(const at::Tensor& act, const at::Tensor& act_scales, 
                                        ActCodes::kE4M3Bytes, c10::nullopt, c10::nullopt);
   const at::Device dev = act.device();
   check_sm90(dev);
-  SVDQ_CHECK(a.N % svdq::kSm90aBlockN == 0 && a.K % svdq::kSm90aBlockK == 0, "the wgmma path takes N % ",
-             svdq::kSm90aBlockN, " == 0 and K % ", svdq::kSm90aBlockK, " == 0, got N = ", a.N, ", K = ", a.K);
+  SVDQ_CHECK(a.N % svdq::kSm90aNMultiple == 0 && a.K % svdq::kSm90aBlockK == 0, "the wgmma path takes N % ",
+             svdq::kSm90aNMultiple, " == 0 and K % ", svdq::kSm90aBlockK, " == 0, got N = ", a.N, ", K = ", a.K);
   const at::ScalarType T = lora_up.scalar_type();
   const c10::cuda::CUDAGuard guard(dev);
   at::Tensor out = out_opt ? *out_opt : at::empty({M, static_cast<int64_t>(a.N)}, lora_up.options());
@@ -447,7 +471,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4a4_gemm_sm90a", &w4a4_gemm_sm90a, "W4A4 GEMM on sm_90a wgmma (E4M3) with fused epilogue", py::arg("act"),
         py::arg("act_scales"), py::arg("lora_act"), py::arg("qweight"), py::arg("wscales"), py::arg("lora_up"),
         py::arg("bias"), py::arg("M"), py::arg("out") = py::none());
-  m.attr("SM90A_BLOCK_N") = svdq::kSm90aBlockN;
+  m.attr("SM90A_N_MULTIPLE") = svdq::kSm90aNMultiple;
   m.attr("SM90A_BLOCK_K") = svdq::kSm90aBlockK;
   m.attr("GEMM_BLOCK_M") = svdq::kGemmBlockM;
   m.attr("GROUP") = svdq::kGroup;

@@ -1,13 +1,14 @@
 // SVDQuant W4A4 linear on sm_90a (H100 / H200): the INT4 GEMM on warpgroup MMAs (wgmma), FP8 E4M3.
 //
 //   y[m,n] = sum_g (sum_{k in g} qx[m,k] * qw[n,k]) * sx[m,g] * sw[g,n]    exact per group, fp32 sum
-//          + sum_r lora_act[m,r] * lora_up[n,r]                            low-rank branch, fp32
+//          + sum_r lora_act[m,r] * lora_up[n,r]                            low-rank branch, tf32 hi/lo wgmma
 //          + bias[n]                                                       one rounding to T
 //
-// Same operands, same arithmetic as the mma.sync path (w4a4_int8.cu, kernel B): every group's dot
-// product is exact, and it is scaled and summed in fp32 in the same order with the same roundings, so
-// the outputs are bit-identical to it (see "Numerics"). Kernel A of this path is w4a4_int8.cu's
-// quantize_act_lora_down_kernel with Lane16E4M3Layout: the same codes and scales, stored for this GEMM.
+// The group sums are the mma.sync path's (w4a4_int8.cu, kernel B) bit for bit, and scaled and summed in
+// fp32 in the same order with the same roundings; the low-rank branch runs on the tensor cores here
+// (below), so outputs agree with that path bit for bit at rank 0 and to the spec's tolerance otherwise.
+// Kernel A of this path is w4a4_int8.cu's quantize_act_lora_down_kernel with Lane16E4M3Layout: the same
+// codes and scales, stored for this GEMM.
 //
 // Why wgmma, and why E4M3. On sm_90 mma.sync reaches ~1290 TOPS s8 in a register-only loop but the
 // mma.sync GEMM of w4a4_int8.cu reaches ~0.2-0.27x bf16 cuBLAS on the FLUX shapes; the warpgroup MMA
@@ -31,46 +32,57 @@
 //   sx       fp32 [K/64, M_pad]  tokens permuted inside each 16-block:
 //                             sx[g, 16c + 4t + 2h + e] = scale of token 16c + 8h + 2t + e
 //   lora_act fp32 [M_pad, R16], lora_up T [N, R], bias T [N] or none, y T [M, N] row-major.
-//   M_pad % 16 == 0 (rows >= M hold zero codes and scales); N % 128 == 0; K % 128 == 0.
+//   M_pad % 16 == 0 (rows >= M hold zero codes and scales); N % 64 == 0; K % 128 == 0.
 //
 // Why these permutations. The GEMM is computed transposed: wgmma's M (64 rows per consumer warpgroup)
-// is the weight rows n, its N (192) the tokens m. The weights are the A operand, from REGISTERS: wgmma's
-// A fragment of m64k32 8-bit (PTX ISA "wgmma .m64nNk32 register fragment A") gives lane (gid, tid) of
-// warp w rows 16w + gid (+8), k 4tid + b (registers a0/a1) and 16 + 4tid + b (a2/a3). A lane loads the
-// 8 bytes (16 nibbles) of k 16tid .. 16tid+15 of its row and group straight from the checkpoint layout
-// (conflict-free LDS.64 from the TMA tile) and splits them like w4a4_int8.cu's INT8 flavour: the even
-// nibbles (k = 16tid + 8v + 2b) into k32-MMA v's a0/a1 slot b, the odd ones (k + 1) into a2/a3. So MMA
-// v's k-slot 16h + 4t + b holds k = 16t + 8v + 2b + h: pi above. The activations are the B operand, from
-// 128B-swizzled shared memory (TMA box {128 bytes, 192 tokens}), in that order: kernel A writes it.
-// The accumulator fragment gives lane (gid, tid) tokens 8j + 2tid + e (j = 0..23, e = 0..1); its
-// scales, tokens 16c + 2tid + e and 16c + 8 + 2tid + e, are the four consecutive floats at 16c + 4tid in
-// the permuted sx: one LDS.128 per 16 tokens.
+// is the weight rows n, its N (the tile's BM = 128 or 64 tokens) the tokens m. The weights are the A
+// operand, from REGISTERS: wgmma's A fragment of m64k32 8-bit (PTX ISA "wgmma .m64nNk32 register fragment
+// A") gives lane (gid, tid) of warp w rows 16w + gid (+8), k 4tid + b (registers a0/a1) and 16 + 4tid + b
+// (a2/a3). A lane loads the 8 bytes (16 nibbles) of k 16tid .. 16tid+15 of its row and group straight from
+// the checkpoint layout (conflict-free LDS.64 from the TMA tile) and splits them like w4a4_int8.cu's INT8
+// flavour: the even nibbles (k = 16tid + 8v + 2b) into k32-MMA v's a0/a1 slot b, the odd ones (k + 1)
+// into a2/a3. So MMA v's k-slot 16h + 4t + b holds k = 16t + 8v + 2b + h: pi above. The activations are
+// the B operand, from 128B-swizzled shared memory (TMA box {128 bytes, BM tokens}), in that order: kernel
+// A writes it. The accumulator fragment gives lane (gid, tid) tokens 8j + 2tid + e (j < BM / 8, e = 0..1);
+// their scales, tokens 16c + 2tid + e and 16c + 8 + 2tid + e, are the four consecutive floats at
+// 16c + 4tid in the permuted sx: one LDS.128 per 16 tokens.
 //
 // ------------------------------------------------------------------------------------------------
-// Kernel structure: persistent, warp-specialized, 384 threads = 3 warpgroups, one CTA per SM.
+// Kernel structure: persistent, warp-specialized, 512 threads = 4 warpgroups, one CTA per SM.
 //   WG0  producer: one thread issues the TMA loads of each K step (128 k = two 64-groups) into a ring of
-//        kStages stages (mbarrier "full" with the byte count, "empty" arrived by the 8 consumer warps);
+//        kStages stages (mbarrier "full" with the byte count, "empty" arrived by the 12 consumer warps);
 //        setmaxnreg gives its registers to the consumers.
-//   WG1, WG2  consumers: CTA tile 128 weight rows x 192 tokens, 64 rows each. Per group: unpack the
-//        weight fragments (nibbles -> E4M3 bytes, integer ops), two wgmma m64n192k32 into a fresh fp32 D,
-//        wait, then acc = fma(D * sx, sw * 2^18, acc) for the 96 accumulators (the promotion).
-//        The two consumer warpgroups take turns issuing their wgmmas (ping-pong, named barriers 3 / 4),
-//        so that one's promotion overlaps the other's MMAs.
-//   Epilogue per consumer warpgroup: + lora_act . lora_up^T (fp32 FMA on CUDA cores, 16 ranks at a
-//        time staged in shared memory), + bias, one rounding to T, stmatrix.trans into a staging tile
-//        [192 tokens][64 rows], 16-byte coalesced stores of rows m < M.
+//   WG1..3  consumers: CTA tile 192 weight rows x BM tokens, 64 rows each. Per group: unpack the weight
+//        fragments (nibbles -> E4M3 bytes, integer ops), two wgmma m64nBMk32 into a fresh fp32 D, wait, then
+//        acc = fma(D * sx, sw * 2^18, acc) for the BM / 2 accumulators (the promotion). A warpgroup's
+//        promotion overlaps the other two's wgmmas. (Measured on an H100, 2026-11-22, docs/benchmarks.md:
+//        two consumer warpgroups of 192 tokens, with D double-buffered in 32..96-token parts or not, and
+//        three with 32-token parts, all ran at 500-600 TOPS; this, the simplest, ran 590-640.)
+//   Epilogue: the low-rank branch (below), + bias, one rounding to T, stmatrix.trans into a per-warpgroup
+//        staging tile [BM tokens][64 rows], 16-byte coalesced stores of rows m < M (and n < N).
 // Tiles are walked m-fastest (tile % m_tiles), so CTAs running at the same time share weight columns.
+// BM = 64 when 128-token tiles would leave SMs idle (small M; launch_typed).
 //
-// Numerics (same as kernel B of w4a4_int8.cu, bit for bit):
+// The low-rank branch on the tensor cores: acc += lora_act . lora_up^T with tf32 wgmmas, 32 ranks at a
+// time. lora_up (T: exact in tf32) is the register A operand; lora_act (fp32, 24-bit) is split into
+// hi = its top 11 significand bits (low 13 mantissa bits cleared: exact tf32) and lo = lora_act - hi
+// (exact in fp32, read as tf32: 11 more bits), staged [BM tokens][32 ranks] 128B-swizzled by all three
+// consumer warpgroups together; each k8 step is two wgmmas (hi, lo) summing into a fresh D per 64-token
+// sub-tile, which is then added to acc. So each product carries ~22 bits of lora_act (relative error
+// <= 2^-21), summed in the tensor core's fp32 accumulation: within the spec's tolerance (2^-16 of the sum
+// of absolute terms); plain tf32 (2^-11) would not be. (The CUDA-core fp32 version cost +53-82% over
+// rank 0 at M >= 4096 on an H200.)
+//
+// Numerics of the GEMM part (same as kernel B of w4a4_int8.cu, bit for bit):
 //   acc_g = fl(fl(s_g * sx) * sw + acc_{g-1}) in group order g = 0 .. G-1 (kernel B: fmaf(float(sum) * sx,
 //   sw, acc)). Here D = s_g * 2^-18 exactly, fl(D * sx) = fl(s_g * sx) * 2^-18 exactly (a power-of-two
 //   scaling; it would differ only if s_g * sx * 2^-18 fell below 2^-126, i.e. activation scales below
 //   ~2^-95), and sw * 2^18 is exact, so fma(fl(D * sx), sw * 2^18, acc) is kernel B's fma.
-//   Then acc = fma(lora_act[m, r], lora_up[n, r], acc) for r = 0 .. R-1 in order, + bias, one rounding.
 //
 // Constraints (the host falls back to w4a4_int8.cu's path otherwise, nunchaku_ext/backends/cuda.py):
-// sm_90 only (built as sm_90a: wgmma and setmaxnreg are arch-specific), INT4 layers, N % 128 == 0,
-// K % 128 == 0. The other archs compile this file's kernel to an empty stub that is never launched.
+// sm_90 only (built as sm_90a: wgmma and setmaxnreg are arch-specific), INT4 layers, N % 64 == 0 (the last
+// row tile may hold one or two warpgroups of rows past N: TMA zero-fills them, nothing is stored), K % 128 == 0.
+// The other archs compile this file's kernel to an empty stub that is never launched.
 // ------------------------------------------------------------------------------------------------
 
 #include <cuda.h>
@@ -94,33 +106,38 @@
 namespace svdq {
 namespace sm90a {
 
+constexpr int kConsumers = 3;          // consumer warpgroups, 64 weight rows each
 constexpr int kBlockN = kSm90aBlockN;  // weight rows per CTA tile (64 per consumer warpgroup)
-constexpr int kBlockM = 192;           // tokens per CTA tile: wgmma N
+static_assert(kBlockN == 64 * kConsumers, "one m64 row block per consumer warpgroup");
+constexpr int kBlockM = 128;           // tokens per CTA tile (the wgmmas' N), at most; BM = 64 for few tokens
 constexpr int kBlockK = kSm90aBlockK;  // k per pipeline stage: two 64-groups
 constexpr int kStages = 4;
-constexpr int kThreads = 384;          // producer warpgroup + 2 consumer warpgroups
-constexpr int kAccs = kBlockM / 2;     // fp32 accumulators per consumer thread (m64n192: 96)
-constexpr int kLoraChunk = 16;         // ranks staged in shared memory at a time
+constexpr int kThreads = 128 * (1 + kConsumers);  // producer warpgroup + the consumers
+constexpr int kConsumerWarps = 4 * kConsumers;
+constexpr int kLoraChunk = 32;         // ranks per low-rank step: one 128-byte tf32 row per token
 
 // Shared memory, per stage: activation codes [192][128 B] (128B-swizzled), weight codes [2 groups][128
-// rows][32 B], sx [2][192] fp32, sw [2][128] T. Then per consumer warpgroup one staging area: the
-// low-rank chunk (la [16][192 + 4] fp32, up [64][16 + 1] fp32) and, after it, the output tile [192][64 + 8] T.
+// rows][32 B], sx [2][192] fp32, sw [2][128] T. Then per consumer warpgroup one output staging tile
+// [192][64 + 8] T; in the low-rank step the two staging areas together hold lora_act's hi and lo tiles.
 constexpr int kActBytes = kBlockM * kBlockK;
 constexpr int kWBytes = kBlockN * kBlockK / 2;
 constexpr int kSxBytes = 2 * kBlockM * 4;
 constexpr int kSwBytes = 2 * kBlockN * 2;
 constexpr int kStgRow = 64 + 8;  // T per output staging row (64 weight rows + pad: conflict-free stmatrix)
-constexpr int kLaRow = kBlockM + 4;
 constexpr int kStgBytes = kBlockM * kStgRow * 2;
-static_assert(kLoraChunk * kLaRow * 4 + 64 * (kLoraChunk + 1) * 4 <= kStgBytes, "the low-rank chunk fits the staging area");
+constexpr int kLaTileBytes = kBlockM * kLoraChunk * 4;
+static_assert(2 * kLaTileBytes <= kConsumers * kStgBytes, "lora_act's hi and lo tiles fit the staging areas");
 constexpr int kOffAct = 0;
 constexpr int kOffW = kOffAct + kStages * kActBytes;
 constexpr int kOffSx = kOffW + kStages * kWBytes;
 constexpr int kOffSw = kOffSx + kStages * kSxBytes;
 constexpr int kOffStg = kOffSw + kStages * kSwBytes;
-constexpr int kOffBar = kOffStg + 2 * kStgBytes;
+constexpr int kOffBar = kOffStg + kConsumers * kStgBytes;
 constexpr int kSmemBytes = kOffBar + 2 * kStages * 8 + 1024;  // + slack to align the base to 1024 (swizzle atom)
-constexpr uint32_t kStageTxBytes = kActBytes + kWBytes + kSxBytes + kSwBytes;
+static_assert(kOffStg % 1024 == 0, "the staged lora_act tiles start on a swizzle atom");
+// Bytes one stage's TMA loads bring for a tile of BM tokens (the shared-memory layout is kBlockM's).
+template <int BM>
+__host__ __device__ constexpr uint32_t stage_tx_bytes() { return BM * kBlockK + kWBytes + 2 * BM * 4 + kSwBytes; }
 constexpr float kCodeScale2 = 262144.f;  // 2^18: E4M3 code values are q * 2^-9, products q * q' * 2^-18
 
 template <typename T> struct Half;
@@ -193,37 +210,65 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t saddr) {
   return d;
 }
 
-// d (+)= A(64x32 e4m3, registers) * B(32x192 e4m3, smem descriptor); scale_d = 0: d = A * B.
-__device__ __forceinline__ void wgmma_m64n192k32_e4m3(float (&d)[96], const uint32_t (&a)[4], uint64_t desc,
-                                                       int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %101, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n192k32.f32.e4m3.e4m3 {"
-      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,"
-      "%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
-      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,"
-      "%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95"
-      "}, {%96,%97,%98,%99}, %100, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
-}
+// The warpgroup MMAs on a tile of 64 weight rows x N tokens (N = the CTA's token tile, 64 or 128):
+// d[0..N/2-1] (the m64nN fp32 D fragment) = A * B, or += A * B when scale_d != 0. A (64 x k) from 4 registers,
+// B (k x N) from a 128B-swizzled K-major shared-memory tile given by its descriptor. e4m3: the GEMM's k32;
+// tf32 (on 64-token sub-tiles only): the low-rank up projection's k8.
+template <int N> struct Wgmma;
+#define SVDQ_WGMMA_M64N64(PTX) \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" PTX \
+               " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}," \
+               " {%32,%33,%34,%35}, %36, p, 1, 1;\n}\n" \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+                 "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+                 "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d))
+template <> struct Wgmma<64> {
+  static __device__ __forceinline__ void e4m3(float* d, const uint32_t (&a)[4], uint64_t desc, int scale_d) {
+    SVDQ_WGMMA_M64N64("wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3");
+  }
+  static __device__ __forceinline__ void tf32(float* d, const uint32_t (&a)[4], uint64_t desc, int scale_d) {
+    SVDQ_WGMMA_M64N64("wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32");
+  }
+};
+#undef SVDQ_WGMMA_M64N64
+#define SVDQ_WGMMA_M64N128(PTX) \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n" PTX \
+               " {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}," \
+               " {%64,%65,%66,%67}, %68, p, 1, 1;\n}\n" \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+                 "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+                 "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+                 "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+                 "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+                 "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+                 "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d))
+template <> struct Wgmma<128> {
+  static __device__ __forceinline__ void e4m3(float* d, const uint32_t (&a)[4], uint64_t desc, int scale_d) {
+    SVDQ_WGMMA_M64N128("wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3");
+  }
+};
+#undef SVDQ_WGMMA_M64N128
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+// Wait until every committed wgmma group of this warpgroup is done. (Nothing stays in flight past the
+// wait: ptxas serializes every wgmma of a kernel whose loop carries a pending one into its next iteration
+// and reads accumulators there; docs/kernels.md.)
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
 
 // wgmma.mma_async reads its A registers and writes D asynchronously: after wgmma.wait_group the
 // compiler must neither have moved reads of D above the wait nor reused A's registers before it. An empty
 // asm that "modifies" them, placed after the wait, pins both (asm volatile statements keep their order).
 __device__ __forceinline__ void pin(float& x) { asm volatile("" : "+f"(x)::"memory"); }
 __device__ __forceinline__ void pin(uint32_t& x) { asm volatile("" : "+r"(x)::"memory"); }
+
+// The tf32 "hi" part of v: its low 13 mantissa bits cleared. v - tf32_hi(v) is exact in fp32 and, read as
+// tf32 in turn, keeps 11 more bits: hi + lo carries v to ~2^-21 relative.
+__device__ __forceinline__ float tf32_hi(float v) { return __uint_as_float(__float_as_uint(v) & 0xFFFFE000u); }
 
 // ------------------------------------------------------------------------------------------------
 // Weight fragments
@@ -254,15 +299,16 @@ __device__ __forceinline__ void weight_frags(const uint8_t* w_stage, int g, int 
 
 // ================================================================================================
 // The kernel. Lane (gid, tid) of warp w of consumer warpgroup cw owns tile-local weight rows
-// row = 64cw + 16w + gid and row + 8, and tokens 8j + 2tid + e (j = 0..23, e = 0..1):
-//   acc[4j + 2h + e] = y[m0 + 8j + 2tid + e, n0 + row + 8h]  (the wgmma D fragment).
-template <typename T>
+// row = 64cw + 16w + gid and row + 8, and tokens 8j + 2tid + e (j < BM / 8, e = 0..1):
+//   acc[4j + 2i + e] = y[m0 + 8j + 2tid + e, n0 + row + 8i]  (the m64nBM D fragment).
+template <typename T, int BM>
 __global__ void __launch_bounds__(kThreads, 1)
 w4a4_gemm_sm90a_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_constant__ CUtensorMap tm_w,
                        const __grid_constant__ CUtensorMap tm_sx, const __grid_constant__ CUtensorMap tm_sw,
                        const float* __restrict__ lora_act, const T* __restrict__ lora_up, const T* __restrict__ bias,
                        T* __restrict__ y, int M, int N, int K, int M_pad, int R, int R16, int m_tiles, int tiles) {
 #if SVDQ_SM90A_DEVICE
+  constexpr int kAccs = BM / 2;  // fp32 accumulators per consumer thread (the m64nBM D fragment)
   extern __shared__ uint8_t smem_raw[];
   // The 128B swizzle pattern repeats every 1024 bytes of shared address: align the base to it.
   uint8_t* smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
@@ -271,13 +317,13 @@ w4a4_gemm_sm90a_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_
   float* sx_s = reinterpret_cast<float*>(smem + kOffSx);
   T* sw_s = reinterpret_cast<T*>(smem + kOffSw);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kOffBar);  // stage loaded (TMA bytes arrived)
-  uint64_t* empty = full + kStages;                              // stage consumed (8 consumer warps)
+  uint64_t* empty = full + kStages;                              // stage consumed (every consumer warp)
   const int k_steps = K / kBlockK;
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&full[s], 1);
-      mbar_init(&empty[s], 8);
+      mbar_init(&empty[s], kConsumerWarps);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -287,22 +333,22 @@ w4a4_gemm_sm90a_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
     // ---------------- producer: one thread streams every tile's K steps through the stage ring
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
     if (threadIdx.x == 0) {
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tm_act)) : "memory");
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tm_w)) : "memory");
       int stage = 0;
       uint32_t phase = 0;
       for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        const int m0 = (tile % m_tiles) * kBlockM, n0 = (tile / m_tiles) * kBlockN;
+        const int m0 = (tile % m_tiles) * BM, n0 = (tile / m_tiles) * kBlockN;
         for (int kt = 0; kt < k_steps; ++kt) {
           mbar_wait(&empty[stage], phase ^ 1);
-          mbar_expect_tx(&full[stage], kStageTxBytes);
+          mbar_expect_tx(&full[stage], stage_tx_bytes<BM>());
           // Out-of-range boxes (tokens past M_pad) are zero-filled by the TMA unit.
           tma_load_2d(act_s + stage * kActBytes, &tm_act, &full[stage], kt * kBlockK, m0);
           tma_load_2d(w_s + stage * kWBytes, &tm_w, &full[stage], kt * 64, n0);                    // group 2kt
           tma_load_2d(w_s + stage * kWBytes + kBlockN * 32, &tm_w, &full[stage], kt * 64 + 32, n0);  // 2kt + 1
-          tma_load_2d(sx_s + stage * (2 * kBlockM), &tm_sx, &full[stage], m0, kt * 2);
+          tma_load_2d(sx_s + stage * (2 * kBlockM), &tm_sx, &full[stage], m0, kt * 2);  // [2][BM]
           tma_load_2d(sw_s + stage * (2 * kBlockN), &tm_sw, &full[stage], n0, kt * 2);
           if (++stage == kStages) {
             stage = 0;
@@ -315,7 +361,7 @@ w4a4_gemm_sm90a_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_
   }
 
   // ---------------- consumers
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 160;\n" ::: "memory");  // 128 x 24 + 384 x 160 <= 64K
   const int cw = wg - 1;
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int gid = lane >> 2, tid = lane & 3;
@@ -324,51 +370,44 @@ w4a4_gemm_sm90a_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_
   uint8_t* stg = smem + kOffStg + cw * kStgBytes;
   int stage = 0;
   uint32_t phase = 0;
-  // Ping-pong: before each issue a warpgroup waits on its barrier (3 + cw) for the other's hand-over
-  // (bar.arrive on it after the other's issue); warpgroup 0 skips the wait once, at its very first issue.
-  bool skip_wait = (cw == 0);
 
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int m0 = (tile % m_tiles) * kBlockM, n0 = (tile / m_tiles) * kBlockN;
+    const int m0 = (tile % m_tiles) * BM, n0 = (tile / m_tiles) * kBlockN;
     float acc[kAccs];
 #pragma unroll
     for (int i = 0; i < kAccs; ++i) acc[i] = 0.f;
 
+    // ---------------- main loop: per 64-group, two wgmma k32 into a fresh D, wait, promote. A warpgroup's
+    // promotion overlaps the other warpgroups' wgmmas: three of them keep the tensor cores fed.
     for (int kt = 0; kt < k_steps; ++kt) {
       mbar_wait(&full[stage], phase);
-      const uint8_t* w_stage = w_s + stage * kWBytes;
-      const uint32_t act_base = smem_u32(act_s + stage * kActBytes);
       const float* sx_stage = sx_s + stage * (2 * kBlockM);
       const T* sw_stage = sw_s + stage * (2 * kBlockN);
 #pragma unroll
       for (int g = 0; g < 2; ++g) {
         uint32_t a[2][4];
-        weight_frags(w_stage, g, row, tid, a);
+        weight_frags(w_s + stage * kWBytes, g, row, tid, a);
         float d[kAccs];
-        if (!skip_wait) named_bar_sync(3 + cw, 256);
-        skip_wait = false;
         // The group's 64 k: bytes 64g .. 64g + 63 of each 128-byte activation row; +32 bytes (descriptor
         // +2 in 16-byte units) for the second k32.
-        const uint64_t desc = desc_sw128(act_base + g * 64);
-        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-        wgmma_m64n192k32_e4m3(d, a[0], desc, 0);
-        wgmma_m64n192k32_e4m3(d, a[1], desc + 2, 1);
-        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-        named_bar_arrive(4 - cw, 256);  // the other warpgroup's turn
-        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+        const uint64_t desc = desc_sw128(smem_u32(act_s + stage * kActBytes) + g * 64);
+        wgmma_fence();
+        Wgmma<BM>::e4m3(d, a[0], desc, 0);
+        Wgmma<BM>::e4m3(d, a[1], desc + 2, 1);
+        wgmma_commit();
+        const float sw0 = Half<T>::to_float(sw_stage[g * kBlockN + row]) * kCodeScale2;
+        const float sw1 = Half<T>::to_float(sw_stage[g * kBlockN + row + 8]) * kCodeScale2;
+        wgmma_wait_all();
 #pragma unroll
         for (int i = 0; i < kAccs; ++i) pin(d[i]);
 #pragma unroll
         for (int v = 0; v < 2; ++v)
 #pragma unroll
           for (int i = 0; i < 4; ++i) pin(a[v][i]);
-
         // Promotion: acc = fma(D * sx, sw * 2^18, acc) = fma(fl(sum * sx), sw, acc) (Numerics, top).
-        const float* sx_g = sx_stage + g * kBlockM;
-        const float sw0 = Half<T>::to_float(sw_stage[g * kBlockN + row]) * kCodeScale2;
-        const float sw1 = Half<T>::to_float(sw_stage[g * kBlockN + row + 8]) * kCodeScale2;
+        const float* sx_g = sx_stage + g * BM;
 #pragma unroll
-        for (int c = 0; c < kBlockM / 16; ++c) {
+        for (int c = 0; c < BM / 16; ++c) {
           const float4 s = *reinterpret_cast<const float4*>(sx_g + 16 * c + 4 * tid);  // tokens (16c | 16c+8) + 2tid + e
           float* ac = acc + 8 * c;
           const float* dd = d + 8 * c;
@@ -383,52 +422,74 @@ w4a4_gemm_sm90a_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_
         }
       }
       __syncwarp();
-      if (lane == 0) mbar_arrive(&empty[stage]);
+      if (lane == 0) mbar_arrive(&empty[stage]);  // the stage is consumed
       if (++stage == kStages) {
         stage = 0;
         phase ^= 1;
       }
     }
 
-    // ---------------- epilogue 1: low-rank branch, fp32 FMA in rank order (as w4a4_int8.cu's kernel B)
-    // 16 ranks at a time through this warpgroup's staging area: la [r][token] (row pad 4: the lanes of a
-    // quad read 4 different float2, the 8 gids the same ones) and up [row][r] (pad 1: 8 rows, 8 banks).
+    // ---------------- epilogue 1: low-rank branch on the tensor cores, acc += lora_act . lora_up^T (top
+    // comment): all consumers stage the tile's lora_act as tf32 hi / lo [BM][32] tiles over their staging
+    // areas; lora_up's tf32 m64k8 fragment: a0 / a1 = rows row / row + 8 at k tid, a2 / a3 at k tid + 4.
     if (R > 0) {
-      float* la_s = reinterpret_cast<float*>(stg);
-      float* up_s = la_s + kLoraChunk * kLaRow;
+      uint8_t* la_hi = smem + kOffStg;
+      uint8_t* la_lo = la_hi + kLaTileBytes;
       for (int r0 = 0; r0 < R; r0 += kLoraChunk) {
-        named_bar_sync(1 + cw, 128);  // the staging area is free (previous chunk / tile done with it)
-        for (int e = t; e < kLoraChunk * kBlockM; e += 128) {
-          const int tok = e / kLoraChunk, r = e % kLoraChunk, m = m0 + tok;  // r0 + r < R16 always
-          la_s[r * kLaRow + tok] = m < M_pad ? __ldg(lora_act + static_cast<int64_t>(m) * R16 + r0 + r) : 0.f;
+        named_bar_sync(1, 128 * kConsumers);  // all consumers are done with the staging areas (previous chunk / tile)
+        for (int e = threadIdx.x - 128; e < BM * 8; e += 128 * kConsumers) {  // BM tokens x 8 pieces of 4 ranks
+          const int tok = e >> 3, q = e & 7, m = m0 + tok, r = r0 + 4 * q;
+          float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+          if (m < M_pad && r < R16) v = __ldg(reinterpret_cast<const float4*>(lora_act + static_cast<int64_t>(m) * R16 + r));
+          const float4 hi = make_float4(tf32_hi(v.x), tf32_hi(v.y), tf32_hi(v.z), tf32_hi(v.w));
+          const float4 lo = make_float4(v.x - hi.x, v.y - hi.y, v.z - hi.z, v.w - hi.w);
+          const int off = tok * 128 + ((q ^ (tok & 7)) << 4);  // the 128B swizzle: 16-byte unit q of row tok
+          *reinterpret_cast<float4*>(la_hi + off) = hi;
+          *reinterpret_cast<float4*>(la_lo + off) = lo;
         }
-        for (int e = t; e < kLoraChunk * 64; e += 128) {
-          const int rr = e / kLoraChunk, r = e % kLoraChunk, rank = r0 + r;
-          up_s[rr * (kLoraChunk + 1) + r] =
-              rank < R ? Half<T>::to_float(lora_up[static_cast<int64_t>(n0 + cw * 64 + rr) * R + rank]) : 0.f;
-        }
-        named_bar_sync(1 + cw, 128);
-        const int rc = min(kLoraChunk, R - r0);
-        for (int r = 0; r < rc; ++r) {
-          const float up0 = up_s[(warp * 16 + gid) * (kLoraChunk + 1) + r];
-          const float up1 = up_s[(warp * 16 + gid + 8) * (kLoraChunk + 1) + r];
-          const float* la = la_s + r * kLaRow + 2 * tid;
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // generic-proxy stores -> wgmma reads
+        named_bar_sync(1, 128 * kConsumers);
+        uint32_t u[kLoraChunk / 8][4];
 #pragma unroll
-          for (int j = 0; j < kAccs / 4; ++j) {
-            const float2 l = *reinterpret_cast<const float2*>(la + 8 * j);
-            acc[4 * j + 0] = fmaf(l.x, up0, acc[4 * j + 0]);
-            acc[4 * j + 1] = fmaf(l.y, up0, acc[4 * j + 1]);
-            acc[4 * j + 2] = fmaf(l.x, up1, acc[4 * j + 2]);
-            acc[4 * j + 3] = fmaf(l.y, up1, acc[4 * j + 3]);
+        for (int s = 0; s < kLoraChunk / 8; ++s)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int rank = r0 + 8 * s + tid + 4 * (i >> 1), rr = n0 + row + 8 * (i & 1);
+            u[s][i] = rank < R && rr < N ? __float_as_uint(Half<T>::to_float(lora_up[static_cast<int64_t>(rr) * R + rank])) : 0u;
+          }
+        // Per 64-token sub-tile: the chunk's products summed by the tensor core into a fresh D, then added
+        // to acc (acc itself as the wgmma's D would pin it to the instruction's register blocks: ptxas spills).
+#pragma unroll
+        for (int sub = 0; sub < BM / 64; ++sub) {
+          float d[32];
+          const uint32_t off = sub * (64 * 128);
+          wgmma_fence();
+#pragma unroll
+          for (int s = 0; s < kLoraChunk / 8; ++s) {
+            Wgmma<64>::tf32(d, u[s], desc_sw128(smem_u32(la_hi) + off) + 2 * s, s);
+            Wgmma<64>::tf32(d, u[s], desc_sw128(smem_u32(la_lo) + off) + 2 * s, 1);
+          }
+          wgmma_commit();
+          wgmma_wait_all();
+#pragma unroll
+          for (int i = 0; i < 32; ++i) {
+            pin(d[i]);
+            acc[32 * sub + i] += d[i];
           }
         }
+#pragma unroll
+        for (int s = 0; s < kLoraChunk / 8; ++s)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) pin(u[s][i]);
       }
+      named_bar_sync(1, 128 * kConsumers);  // the other warpgroups' wgmmas are done reading the staged lora_act
     }
 
     // ---------------- epilogue 2: bias, one rounding, transpose through shared memory, coalesced stores
-    const float b0 = bias != nullptr ? Half<T>::to_float(bias[n0 + row]) : 0.f;
-    const float b1 = bias != nullptr ? Half<T>::to_float(bias[n0 + row + 8]) : 0.f;
-    named_bar_sync(1 + cw, 128);  // the staging area is free
+    const bool rows_in = n0 + cw * 64 < N;  // N % 64 == 0: a warpgroup's 64 rows are all in or all out
+    const float b0 = bias != nullptr && rows_in ? Half<T>::to_float(bias[n0 + row]) : 0.f;
+    const float b1 = bias != nullptr && rows_in ? Half<T>::to_float(bias[n0 + row + 8]) : 0.f;
+    named_bar_sync(2 + cw, 128);  // the staging area is free
     {
       // stmatrix.x4.trans: matrix i (registers v[i]) = tokens 8(j + i/2) .. +7 x weight rows 8(i%2) .. +7
       // of the warp's 16; lanes 8i .. 8i+7 give the addresses of its 8 token rows in the [token][row] tile.
@@ -448,15 +509,14 @@ w4a4_gemm_sm90a_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_
                      : "memory");
       }
     }
-    named_bar_sync(1 + cw, 128);
+    named_bar_sync(2 + cw, 128);
 #pragma unroll 4
-    for (int it = 0; it < kBlockM / 16; ++it) {  // 16 tokens x 8 16-byte pieces per pass
+    for (int it = 0; it < BM / 16; ++it) {  // 16 tokens x 8 16-byte pieces per pass
       const int tok = it * 16 + (t >> 3), c = t & 7, m = m0 + tok;
       const uint4 val = *reinterpret_cast<const uint4*>(stg + (tok * kStgRow + c * 8) * 2);
-      if (m < M) *reinterpret_cast<uint4*>(y + static_cast<int64_t>(m) * N + n0 + cw * 64 + c * 8) = val;
+      if (m < M && rows_in) *reinterpret_cast<uint4*>(y + static_cast<int64_t>(m) * N + n0 + cw * 64 + c * 8) = val;
     }
   }
-  if (cw == 0 && !skip_wait) named_bar_sync(3, 256);  // warpgroup 1's last hand-over
 #endif  // SVDQ_SM90A_DEVICE
 }
 
@@ -497,34 +557,45 @@ bool make_map(CUtensorMap* map, CUtensorMapDataType dtype, const void* ptr, uint
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <typename T>
-cudaError_t launch_typed(const GemmArgs& a, cudaStream_t stream) {
+template <typename T, int BM>
+cudaError_t launch_tiles(const GemmArgs& a, int sms, cudaStream_t stream) {
   using namespace sm90a;
-  if (a.N % kBlockN || a.K % kBlockK || a.M_pad % 16 || a.M > a.M_pad || a.M <= 0) return cudaErrorInvalidValue;
   const CUtensorMapDataType half_type =
       std::is_same<T, __nv_bfloat16>::value ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   CUtensorMap tm_act, tm_w, tm_sx, tm_sw;
   const uint64_t G = a.K / kGroup;
-  if (!make_map(&tm_act, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.act_packed, a.K, a.M_pad, a.K, kBlockK, kBlockM,
+  if (!make_map(&tm_act, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.act_packed, a.K, a.M_pad, a.K, kBlockK, BM,
                 CU_TENSOR_MAP_SWIZZLE_128B) ||
       !make_map(&tm_w, CU_TENSOR_MAP_DATA_TYPE_UINT8, a.qweight, a.K / 2, a.N, a.K / 2, 32, kBlockN,
-                CU_TENSOR_MAP_SWIZZLE_NONE) ||  // one 64-group (32 bytes) of 128 rows per box
-      !make_map(&tm_sx, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, a.act_scales, a.M_pad, G, a.M_pad * 4ull, kBlockM, 2,
+                CU_TENSOR_MAP_SWIZZLE_NONE) ||  // one 64-group (32 bytes) of the tile's rows per box
+      !make_map(&tm_sx, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, a.act_scales, a.M_pad, G, a.M_pad * 4ull, BM, 2,
                 CU_TENSOR_MAP_SWIZZLE_NONE) ||
       !make_map(&tm_sw, half_type, a.wscales, a.N, G, a.N * 2ull, kBlockN, 2, CU_TENSOR_MAP_SWIZZLE_NONE))
     return cudaErrorInvalidValue;
-  int device = 0, sms = 0;
-  cudaError_t e = cudaGetDevice(&device);
-  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  auto kernel = w4a4_gemm_sm90a_kernel<T>;
-  if (e == cudaSuccess) e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  auto kernel = w4a4_gemm_sm90a_kernel<T, BM>;
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (e != cudaSuccess) return e;
-  const int m_tiles = (a.M + kBlockM - 1) / kBlockM;
-  const int tiles = m_tiles * (a.N / kBlockN);
+  const int m_tiles = (a.M + BM - 1) / BM;
+  const int tiles = m_tiles * ((a.N + kBlockN - 1) / kBlockN);
   kernel<<<tiles < sms ? tiles : sms, kThreads, kSmemBytes, stream>>>(
       tm_act, tm_w, tm_sx, tm_sw, a.lora_act, static_cast<const T*>(a.lora_up), static_cast<const T*>(a.bias),
       static_cast<T*>(a.out), a.M, a.N, a.K, a.M_pad, a.R, a.R16, m_tiles, tiles);
   return cudaGetLastError();
+}
+
+// 128-token tiles, or 64-token ones where 128 would not fill every SM once (the text stream's proj at
+// M = 512, most linears at M = 256): twice the CTAs, each with half the per-group work. (Measured on an
+// H100: proj M = 512 30 us instead of 42; fc1 M = 512, 256 tiles of 128, ran slower on 64: 98 vs 80 us.)
+template <typename T>
+cudaError_t launch_typed(const GemmArgs& a, cudaStream_t stream) {
+  using namespace sm90a;
+  if (a.N % kSm90aNMultiple || a.K % kBlockK || a.M_pad % 16 || a.M > a.M_pad || a.M <= 0) return cudaErrorInvalidValue;
+  int device = 0, sms = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (e != cudaSuccess) return e;
+  const int64_t tiles128 = static_cast<int64_t>((a.M + kBlockM - 1) / kBlockM) * ((a.N + kBlockN - 1) / kBlockN);
+  return tiles128 <= sms ? launch_tiles<T, 64>(a, sms, stream) : launch_tiles<T, kBlockM>(a, sms, stream);
 }
 
 }  // namespace

@@ -8,9 +8,11 @@
 
 namespace svdq {
 
-// The shapes the wgmma GEMM takes: its tile is 128 weight rows x 128 k (two 64-groups).
-constexpr int kSm90aBlockN = 128;
+// The wgmma GEMM's tile: 192 weight rows x 128 tokens, 128 k (two 64-groups) per pipeline stage. It takes
+// N % 64 == 0 (the last row tile may be partial, in whole 64-row warpgroup blocks) and K % 128 == 0.
+constexpr int kSm90aBlockN = 192;
 constexpr int kSm90aBlockK = 128;
+constexpr int kSm90aNMultiple = 64;
 
 // Kernel A for this path: QuantizeArgs as for launch_quantize_act_lora_down, except
 //   act_packed  uint8 [M_pad, K]: one E4M3 code byte per value, k permuted inside each 64-group;
@@ -20,7 +22,7 @@ cudaError_t launch_quantize_act_e4m3(const QuantizeArgs& args, bool input_is_bf1
                                      cudaStream_t stream);
 
 // The GEMM with the fused epilogue, GemmArgs as for launch_w4a4_gemm (act_packed / act_scales as the
-// kernel above writes them). N % 128 == 0, K % 128 == 0, M_pad % 16 == 0. Only the sm_90a build has the
+// kernel above writes them). N % 64 == 0, K % 128 == 0, M_pad % 16 == 0. Only the sm_90a build has the
 // kernel's body (the other archs hold an empty stub): the caller checks that the device is sm_90.
 cudaError_t launch_w4a4_gemm_sm90a(const GemmArgs& args, bool is_bf16, cudaStream_t stream);
 

@@ -21,6 +21,7 @@ What they hold the fused kernel to:
   a poisoned 16-byte word passes only if all its 32 codes are 8, and rows past M must be 0.
 """
 import functools
+import os
 
 import pytest
 import torch
@@ -99,8 +100,18 @@ def check_fc2_input(fc1, fc2, x):
     M, N1 = x.reshape(-1, fc1.in_features).shape[0], fc1.out_features
     h, codes, scales, lora_act2, (act_raw, scales_raw, lora_raw) = cuda_backend.mlp_fc2_input(fc1, fc2, x, poison=True)
     assert not h.isnan().any(), "unwritten (NaN-poisoned) h"
-    # h: fc1 as the unfused linear computes it, then torch's GELU(tanh), to one ulp.
-    h_unfused = F.gelu(cuda_backend.forward(fc1, x).reshape(M, N1), approximate="tanh")
+    # h: fc1 as the unfused linear of the fused kernels' MMA path computes it, then torch's GELU(tanh), to one
+    # ulp. (The fused kernels are mma.sync ones: beside the wgmma path that is its fallback, whose low-rank
+    # branch differs from the wgmma GEMM's in the last bits.)
+    forced = os.environ.get(cuda_backend.PATH_ENV)
+    os.environ[cuda_backend.PATH_ENV] = cuda_backend._mma_sync_path(cuda_backend.mma_path(x.device)).name
+    try:
+        h_unfused = F.gelu(cuda_backend.forward(fc1, x).reshape(M, N1), approximate="tanh")
+    finally:
+        if forced is None:
+            del os.environ[cuda_backend.PATH_ENV]
+        else:
+            os.environ[cuda_backend.PATH_ENV] = forced
     dtype = torch.finfo(x.dtype)
     assert ((h.float() - h_unfused.float()).abs() <= dtype.eps * h_unfused.float().abs() + dtype.tiny * dtype.eps).all()
 

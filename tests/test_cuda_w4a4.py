@@ -95,7 +95,7 @@ FLAVOURS = {"s8_m16n8k32": "MmaS8m16n8k32", "s4_m16n8k64": "MmaS4m16n8k64", "s4_
             # sm_90's wgmma path has its own GEMM (w4a4_gemm_sm90a_kernel, WGMMA_KERNEL); its fallback (the
             # fused MLP pair, the shapes it does not take) runs on the s8 flavour (backends.cuda.WGMMA_FALLBACK).
             "e4m3_wgmma_sm90a": "MmaS8m16n8k32"}
-WGMMA_KERNEL, WGMMA_SASS = "w4a4_gemm_sm90a_kernel", "QGMMA.64x192x32.F32.E4M3.E4M3"
+WGMMA_KERNEL, WGMMA_SASS = "w4a4_gemm_sm90a_kernel", "QGMMA.64x"  # m64n128 / m64n64 tiles, k32 E4M3
 NVFP4_FLAVOURS = {"e2m1_s8_m16n8k16": "MmaE2M1S8m16n8k16", "e2m1_bs_m16n8k64": "MmaE2M1BlockScaledM16n8k64"}
 EXPECTED_IMMA = {"s8_m16n8k32": ("IMMA.16832.S8.S8", "IMMA.16832.S8.S8"),
                  "s4_m16n8k64": ("IMMA.16864.S4.S4", "IMMA.16864.U4.S4"),
@@ -539,6 +539,7 @@ QUANT_CASES = [
     (77, 12288, 32, True, torch.bfloat16),
     (129, 15360, 48, False, torch.bfloat16),
     (33, 320, 130, False, torch.float16),
+    (700, 12288, 300, True, torch.bfloat16),  # a base rank plus absorbed LoRAs: many rank passes, K split
 ]
 
 
@@ -571,6 +572,9 @@ LINEAR_CASES = [
     (17, 2, 64, 0, True, torch.bfloat16),
     (64, 258, 320, 32, False, torch.bfloat16),
     (1000, 136, 256, 130, True, torch.float16),
+    # the wgmma GEMM's partial last row tile (192 rows per tile, N % 64 == 0), and a rank over two 32-rank steps
+    (77, 320, 256, 40, False, torch.bfloat16),
+    (40, 64, 128, 8, True, torch.float16),
 ]
 
 
@@ -673,6 +677,19 @@ def test_repeatable(mma_path):
 
 
 @requires_cuda
+@pytest.mark.parametrize("M,K,rank", [(256, 12288, 32), (4608, 15360, 48), (1000, 3072, 96)])
+def test_kernel_a_is_deterministic(mma_path, M, K, rank):
+    """Kernel A splits K across warps and blocks and adds the partial sums of lora_act in a fixed order
+    (no fp32 atomics): the same input gives the same bits on every run."""
+    layer = make_layer(128, K, rank)
+    x = make_input((M,), K, unsigned=False, dtype=torch.bfloat16)
+    first = cuda_backend.quantize_act(layer, x)[3]
+    for _ in range(3):
+        again = cuda_backend.quantize_act(layer, x)[3]
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@requires_cuda
 def test_forced_path_launches_its_kernels(mma_path):
     """The forced path reaches the kernels: the INT4 flavours share a layout, so only the launched
     template instantiation tells them apart."""
@@ -686,8 +703,8 @@ def test_forced_path_launches_its_kernels(mma_path):
     else:
         assert gemm and all(FLAVOURS[mma_path.name] in n for n in gemm), names
     assert quant and all(mma_path.layout in n for n in quant), names
-    if mma_path is cuda_backend.WGMMA_PATH:  # a shape it does not take runs the s8 path's two kernels
-        layer = make_layer(192, 256, 16)
+    if mma_path is cuda_backend.WGMMA_PATH:  # a shape it does not take (N % 64) runs the s8 path's two kernels
+        layer = make_layer(160, 256, 16)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             check_linear(layer, x)
             torch.cuda.synchronize()
@@ -702,20 +719,26 @@ def test_forced_path_launches_its_kernels(mma_path):
 @pytest.mark.parametrize("unsigned", [False, True])
 def test_mma_paths_agree_bitwise(ext, monkeypatch, unsigned, dtype):
     """Every path computes the same exact group sums and adds them in the same fp32 order (sm_90's wgmma
-    path included: the shape is one it takes)."""
+    path included: the shape is one it takes), so at rank 0 all outputs are bit-identical. The low-rank
+    branch is fp32 FMAs on the mma.sync paths (bit-identical among them) and tf32 hi/lo wgmmas on the wgmma
+    path, which agrees with the spec to the tolerance of check_linear instead."""
     capability = torch.cuda.get_device_capability()
     names = [p.name for p in cuda_backend.MMA_PATHS.values() if capability >= p.min_capability
              and (not p.exact_capability or capability == p.min_capability)]
     if len(names) < 2:
         pytest.skip("one MMA path on this GPU")
-    layer = make_layer(3072, 3072, 32, unsigned=unsigned, dtype=dtype)
     x = make_input((333,), 3072, unsigned=unsigned, dtype=dtype)
-    outputs = {}
-    for name in names:
-        monkeypatch.setenv(cuda_backend.PATH_ENV, name)
-        outputs[name] = cuda_backend.forward(layer, x)
-    for name in names[1:]:
-        assert torch.equal(outputs[name], outputs[names[0]]), name
+    for rank in (0, 32):
+        layer = make_layer(3072, 3072, rank, unsigned=unsigned, dtype=dtype)
+        outputs = {}
+        for name in names:
+            monkeypatch.setenv(cuda_backend.PATH_ENV, name)
+            outputs[name] = cuda_backend.forward(layer, x)
+            if rank:
+                check_linear(layer, x)
+        exact = [n for n in names if rank == 0 or n != cuda_backend.WGMMA_PATH.name]
+        for name in exact[1:]:
+            assert torch.equal(outputs[name], outputs[exact[0]]), (name, rank)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -762,7 +785,7 @@ def test_build_all_archs(tmp_path, monkeypatch):
             # sm_90's wgmma GEMM (bf16/fp16) multiplies on the FP8 warpgroup MMA; the other archs hold its
             # empty stub. Its fallback, the s8 flavour, is checked below.
             wgmma = [body for name, body in functions.items() if WGMMA_KERNEL in name]
-            assert len(wgmma) == 2, (sm, list(functions))
+            assert len(wgmma) == 4, (sm, list(functions))  # bf16/fp16 x 64/128-token tiles
             assert all((WGMMA_SASS in body) == (arch == "9.0") for body in wgmma), sm
             if path == cuda_backend.WGMMA_PATH.name:
                 path = cuda_backend.WGMMA_FALLBACK
@@ -796,10 +819,16 @@ def test_build_all_archs(tmp_path, monkeypatch):
         # for every arch, plain CUDA) likewise, and its GEMM (bf16/fp16; an empty stub but on sm_90a)
         assert sum("quantize_act_lora_down_kernel" in n and "Lane16Layout" in n for n in names) == 4, (arch, names)
         assert sum("quantize_act_lora_down_kernel" in n and "Lane16E4M3Layout" in n for n in names) == 4, (arch, names)
-        assert sum(WGMMA_KERNEL in n for n in names) == 2, (arch, names)
+        assert sum(WGMMA_KERNEL in n for n in names) == 4, (arch, names)  # x 64/128-token tiles
         for flavour in NVFP4_FLAVOURS.values():  # bf16/fp16; E2M1 codes are signed
             assert sum("w4a4_gemm_kernel" in n and flavour in n for n in names) == 2, (arch, names)
         for layout in ("E2M1Layout", "E2M1NativeLayout"):
             assert sum("quantize_act_lora_down_kernel" in n and layout in n for n in names) == 2, (arch, names)
-    spilling = [(name, sm) for name, sm, stores, loads in kernels if stores != "0" or loads != "0"]
+    # One exception, bounded: the sm_90a GEMM's 128-token tiles run its three consumer warpgroups at the
+    # 160 registers setmaxnreg can give them, and ptxas spills a few loop-carried scalars (20 bytes with nvcc
+    # 13.0) there; measured on an H100 that variant is the fastest (csrc/w4a4_sm90a.cu, docs/benchmarks.md).
+    def allowed(name, sm, stores, loads):
+        return WGMMA_KERNEL in name and "Li128E" in name and sm == "90" and max(int(stores), int(loads)) <= 32
+    spilling = [(name, sm) for name, sm, stores, loads in kernels
+                if (stores != "0" or loads != "0") and not allowed(name, sm, stores, loads)]
     assert kernels and not spilling, report

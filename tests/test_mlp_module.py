@@ -296,7 +296,7 @@ def test_absorbed_adapters_reach_the_fused_call(fused_calls):
 
 @pytest.fixture
 def always_fuse(monkeypatch):
-    """Fuse at any M, also where the backend would run a large pair as two wgmma linears on sm_90."""
+    """Fuse at any M, also beside the wgmma path on sm_90 (where the backend runs the pair as two linears)."""
     monkeypatch.setattr(cuda_backend, "FUSED_MLP_MAX_ROWS_BESIDE_WGMMA", 2 ** 31)
 
 
@@ -390,7 +390,7 @@ def _no_fused_kernel(mlp, x):
 
 
 @requires_cuda
-def test_gpu_fallbacks_run_the_two_linears(ext):
+def test_gpu_fallbacks_run_the_two_linears(ext, always_fuse):
     torch.manual_seed(7)
     x = make_input((70,), 192, unsigned=False, dtype=torch.bfloat16)
     cases = [("int4", False)]

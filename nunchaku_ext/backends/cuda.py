@@ -18,8 +18,8 @@ The GEMM's MMA instruction is picked per GPU (`mma_path`): native s4 `m8n8k32` o
 `m16n8k64` on sm_80/86/89, INT8 `m16n8k32` on the codes on sm_90/sm_120 (their s4 MMA is emulated).
 All give the same outputs. On sm_90 the default is the wgmma path instead (`e4m3_wgmma_sm90a`,
 csrc/w4a4_sm90a.cu: warpgroup MMAs on the codes as E4M3 bytes, its own kernel A layout and bindings, the same
-outputs bit for bit) for the INT4 layers it takes (N, K multiples of 128); the others, and the fused MLP
-pair, run on `s8_m16n8k32`. $SVDQ_MMA_PATH forces one (the tests run the consumer-GPU paths on a
+GEMM sums bit for bit, the low-rank branch as tf32 hi/lo wgmmas within the spec's tolerance) for the INT4
+layers it takes (N % 64 == 0, K % 128 == 0); the others, and the fused MLP pair, run on `s8_m16n8k32`. $SVDQ_MMA_PATH forces one (the tests run the consumer-GPU paths on a
 Hopper GPU that way). NVFP4 layers take their own path (`nvfp4_mma_path`): on sm_120 the block-scaled
 FP4 MMA `m16n8k64 kind::mxf4nvf4` (csrc/w4a4_nvfp4_bs.cuh), on sm_80..sm_90 E2M1 codes x 2 as int8,
 INT8 `m16n8k16` per 16-group (csrc/w4a4_nvfp4.cuh).
@@ -60,14 +60,15 @@ class MmaPath:
     exact_capability: bool = False  # built arch-specific (sm_90a): runs on the min_capability GPUs only
 
 
-# sm_90's INT4 GEMM on warpgroup MMAs (csrc/w4a4_sm90a.cu: wgmma m64n192k32 e4m3 on the 4-bit codes as
-# E4M3 bytes, TMA, a persistent warp-specialized kernel; kernel A writes one code byte per value for it).
-# Its own bindings (quantize_act_sm90a, w4a4_gemm_sm90a); bit-identical outputs to the mma.sync paths. It
-# takes INT4 layers with N and K multiples of 128 (wgmma_takes); the other layers and the fused MLP pair
-# run on WGMMA_FALLBACK.
+# sm_90's INT4 GEMM on warpgroup MMAs (csrc/w4a4_sm90a.cu: wgmma e4m3 on the 4-bit codes as E4M3 bytes, TMA,
+# a persistent warp-specialized kernel, the low-rank up projection as tf32 hi/lo wgmmas; kernel A writes one
+# code byte per value for it). Its own bindings (quantize_act_sm90a, w4a4_gemm_sm90a); bit-identical outputs
+# to the mma.sync paths at rank 0, within the spec's tolerance with a low-rank branch. It takes INT4 layers
+# with N % 64 == 0 and K % 128 == 0 (wgmma_takes); the other layers and the fused MLP pair run on
+# WGMMA_FALLBACK.
 WGMMA_PATH = MmaPath("e4m3_wgmma_sm90a", "Lane16E4M3Layout", (9, 0), exact_capability=True)
 WGMMA_FALLBACK = "s8_m16n8k32"
-WGMMA_BLOCK_N = WGMMA_BLOCK_K = 128  # csrc/w4a4_sm90a.h kSm90aBlockN / kSm90aBlockK
+WGMMA_N_MULTIPLE, WGMMA_K_MULTIPLE = 64, 128  # csrc/w4a4_sm90a.h kSm90aNMultiple / kSm90aBlockK
 
 MMA_PATHS = {p.name: p for p in (
     MmaPath("s8_m16n8k32", "Lane16Layout", (8, 0)),
@@ -111,9 +112,10 @@ def mma_path(device) -> MmaPath:
 
 
 def wgmma_takes(layer) -> bool:
-    """Whether the sm_90a wgmma GEMM takes this layer: INT4, N and K multiples of its 128 x 128 tile."""
-    return (layer.precision == "int4" and layer.out_features % WGMMA_BLOCK_N == 0
-            and layer.in_features % WGMMA_BLOCK_K == 0)
+    """Whether the sm_90a wgmma GEMM takes this layer: INT4, N a multiple of 64 (one warpgroup's rows) and K
+    of 128 (one pipeline stage)."""
+    return (layer.precision == "int4" and layer.out_features % WGMMA_N_MULTIPLE == 0
+            and layer.in_features % WGMMA_K_MULTIPLE == 0)
 
 
 def _mma_sync_path(path: MmaPath) -> MmaPath:
@@ -357,11 +359,12 @@ def _check_pair(fc1, fc2, x):
     _check_input(fc2, x.new_empty(0, fc2.in_features))
 
 
-# The fused MLP kernels are mma.sync ones. Where the two linears would run on the wgmma path (sm_90),
-# they are faster from some M on: H200, 2026-11-22, FLUX's img/txt MLP (3072 -> 12288 -> 3072, rank 32),
-# fused 3.67 ms vs two linears 2.11 ms at M = 4096, but fused 0.70 ms vs 0.94 ms at M = 512
-# (bench/bench_mlp.py). So on that path the pair is fused up to this many rows, the largest measured win.
-FUSED_MLP_MAX_ROWS_BESIDE_WGMMA = 512
+# The fused MLP kernels are mma.sync ones. Where the two linears would run on the wgmma path (sm_90), the
+# pair is fused up to this many rows. Since the wgmma GEMM's tf32 low-rank epilogue and the split-K kernel A
+# (2026-11-22), two linears win at every M measured: H200, FLUX's MLP (3072 -> 12288 -> 3072, rank 32),
+# fused 0.517 ms vs two linears 0.204 ms at M = 512, 1.44 ms both at M = 4096 (bench/bench_flux_linears.py,
+# docs/benchmarks.md). So: never; a wgmma version of the fused kernels would change that.
+FUSED_MLP_MAX_ROWS_BESIDE_WGMMA = 0
 
 
 def _fused_mlp_pays(fc1, fc2, x2) -> bool:
