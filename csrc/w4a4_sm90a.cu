@@ -116,9 +116,10 @@ constexpr int kThreads = 128 * (1 + kConsumers);  // producer warpgroup + the co
 constexpr int kConsumerWarps = 4 * kConsumers;
 constexpr int kLoraChunk = 32;         // ranks per low-rank step: one 128-byte tf32 row per token
 
-// Shared memory, per stage: activation codes [192][128 B] (128B-swizzled), weight codes [2 groups][128
-// rows][32 B], sx [2][192] fp32, sw [2][128] T. Then per consumer warpgroup one output staging tile
-// [192][64 + 8] T; in the low-rank step the two staging areas together hold lora_act's hi and lo tiles.
+// Shared memory, per stage: activation codes [BM][128 B] (128B-swizzled), weight codes [2 groups][192
+// rows][32 B], sx [2][BM] fp32, sw [2][192] T, each in a slot sized for BM = 128. Then per consumer
+// warpgroup one output staging tile [BM][64 + 8] T; in the low-rank step the three staging areas together
+// hold lora_act's hi and lo tiles.
 constexpr int kActBytes = kBlockM * kBlockK;
 constexpr int kWBytes = kBlockN * kBlockK / 2;
 constexpr int kSxBytes = 2 * kBlockM * 4;
