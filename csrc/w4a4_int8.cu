@@ -616,15 +616,19 @@ __device__ __forceinline__ void quantize_group(const QuantizeArgs& a, const uint
     if (kUnsigned) xf = __fadd_rn(xf, 0.171875f);
     return xf;
   };
+  auto load_smooth_run = [&](int j, float (&smv)[4]) {  // run j's 4 divisors; 1 past K (the values are 0)
+    const int k = g * kGroup + Layout::run_k(j, tid);
+    smv[0] = smv[1] = smv[2] = smv[3] = 1.f;
+    if (k < K) load4_float(smooth + k, smv);
+  };
   float xs[2][4][4];  // [row half][run j][b]: smoothed values at k = g*64 + Layout::run_k(j, tid) + b
   using D = RoundedDivisor;
   float a_min[2] = {D::kDividendMax, D::kDividendMax}, a_max[2] = {D::kDividendMin, D::kDividendMin};
   float b_min = D::kDivisorMax, b_max = D::kDivisorMin;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const int k = g * kGroup + Layout::run_k(j, tid);
-    float smv[4] = {1.f, 1.f, 1.f, 1.f};
-    if (k < K) load4_float(smooth + k, smv);
+    float smv[4];
+    load_smooth_run(j, smv);
 #pragma unroll
     for (int b = 0; b < 4; ++b) {
       const RoundedDivisor by_smooth(smv[b]);
@@ -651,9 +655,8 @@ __device__ __forceinline__ void quantize_group(const QuantizeArgs& a, const uint
     load_x_group<T, Layout>(lane_x, row_valid, K, g, tid, again);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int k = g * kGroup + Layout::run_k(j, tid);
-      float smv[4] = {1.f, 1.f, 1.f, 1.f};
-      if (k < K) load4_float(smooth + k, smv);
+      float smv[4];
+      load_smooth_run(j, smv);
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
