@@ -690,6 +690,34 @@ def test_kernel_a_is_deterministic(mma_path, M, K, rank):
 
 
 @requires_cuda
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_extreme_group_sums_are_exact(mma_path, unsigned):
+    """The largest group sums the kernels accumulate: every weight code -8 times every activation code at
+    its maximum c (7 signed, 15 unsigned): |64 * 8 * c| = 3584 / 7680, which the wgmma path's E4M3 tensor
+    cores must sum exactly (13 significant bits). Group 1 holds the same codes in half its k (zeros
+    elsewhere) and the weight scale -2x group 0's, and the activation scale is 1/16, so every fp32 step is
+    exact and y is exactly 0 unless a group sum lost a unit."""
+    N, K, M = 192, 128, 64
+    c = 15 if unsigned else 7
+    layer = make_layer(N, K, 0, unsigned=unsigned)
+    layer.qweight.fill_(0x88)
+    layer.smooth.fill_(1.0)
+    if layer.bias is not None:
+        layer.bias.zero_()
+    top = c / 16 - (0.171875 if unsigned else 0.0)  # (x + shift) / scale = c with scale 1/16
+    x = torch.full((M, K), top, device="cuda", dtype=torch.bfloat16)
+    x[:, 96:] = -0.171875 if unsigned else 0.0      # code 0
+    codes, scales, _, _ = cuda_backend.quantize_act(layer, x)
+    assert (codes[:, :96] == c).all() and (codes[:, 96:] == 0).all() and (scales == 1 / 16).all()
+    layer.wscales[0] = 0.01
+    layer.wscales[1] = -2 * layer.wscales[0]
+    assert (cuda_backend.forward(layer, x) == 0).all()
+    layer.wscales[1] = 0  # not vacuous: group 0 alone
+    want = (-64 * 8 * c / 16) * layer.wscales[0].float()
+    assert torch.allclose(cuda_backend.forward(layer, x).float(), want.expand(M, N), rtol=2 ** -7, atol=0)
+
+
+@requires_cuda
 def test_forced_path_launches_its_kernels(mma_path):
     """The forced path reaches the kernels: the INT4 flavours share a layout, so only the launched
     template instantiation tells them apart."""
