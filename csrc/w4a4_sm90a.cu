@@ -61,7 +61,7 @@
 //   Epilogue: the low-rank branch (below), + bias, one rounding to T, stmatrix.trans into a per-warpgroup
 //        staging tile [BM tokens][64 rows], 16-byte coalesced stores of rows m < M (and n < N).
 // Tiles are walked m-fastest (tile % m_tiles), so CTAs running at the same time share weight columns.
-// BM = 64 when 128-token tiles would leave SMs idle (small M; launch_typed).
+// BM = 64 where the fewer waves of 64-token tiles make up for their lower efficiency (small M; launch_typed).
 //
 // The low-rank branch on the tensor cores: acc += lora_act . lora_up^T with tf32 wgmmas, 32 ranks at a
 // time. lora_up (T: exact in tf32) is the register A operand; lora_act (fp32, 24-bit) is split into
@@ -584,9 +584,11 @@ cudaError_t launch_tiles(const GemmArgs& a, int sms, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// 128-token tiles, or 64-token ones where 128 would not fill every SM once (the text stream's proj at
-// M = 512, most linears at M = 256): twice the CTAs, each with half the per-group work. (Measured on an
-// H100: proj M = 512 30 us instead of 42; fc1 M = 512, 256 tiles of 128, ran slower on 64: 98 vs 80 us.)
+// 128-token tiles, or 64-token ones where fewer waves make up for their lower efficiency: one CTA per SM,
+// so a launch takes about waves x the time of one tile, and a 64-token tile takes ~0.65 of a 128-token
+// one (H100, 2026-11-22, the GEMM alone at rank 32, M = 256 / 512 / 1024 x qkv, proj, fc1, fc2: 0.60-0.69;
+// this rule picked the faster width in all 12 cases: e.g. qkv M = 256 41 us on 128 instead of 50 on 64,
+// proj M = 512 28 us on 64 instead of 40, fc2 M = 1024 126 us on 128 instead of 161).
 template <typename T>
 cudaError_t launch_typed(const GemmArgs& a, cudaStream_t stream) {
   using namespace sm90a;
@@ -595,8 +597,10 @@ cudaError_t launch_typed(const GemmArgs& a, cudaStream_t stream) {
   cudaError_t e = cudaGetDevice(&device);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (e != cudaSuccess) return e;
-  const int64_t tiles128 = static_cast<int64_t>((a.M + kBlockM - 1) / kBlockM) * ((a.N + kBlockN - 1) / kBlockN);
-  return tiles128 <= sms ? launch_tiles<T, 64>(a, sms, stream) : launch_tiles<T, kBlockM>(a, sms, stream);
+  const int64_t row_tiles = (a.N + kBlockN - 1) / kBlockN;
+  const int64_t waves128 = ((a.M + kBlockM - 1) / kBlockM * row_tiles + sms - 1) / sms;
+  const int64_t waves64 = ((a.M + 63) / 64 * row_tiles + sms - 1) / sms;
+  return waves64 * 65 < waves128 * 100 ? launch_tiles<T, 64>(a, sms, stream) : launch_tiles<T, kBlockM>(a, sms, stream);
 }
 
 }  // namespace
