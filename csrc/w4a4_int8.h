@@ -49,6 +49,11 @@ struct GemmArgs {
   const float* wcscales;    // NVFP4: per-channel scales, fp32 [N]; INT4: nullptr
   void* out;                // T [M, N], contiguous
   int M, N, K, M_pad, G, R, R16;  // G = K64 / 64; N even
+  // The sm_90a GEMM's split-K workspace, sized by sm90a_gemm_workspace (w4a4_sm90a.h): fp32 partial sums
+  // (any contents) and int32 counters that are zero when the launch starts (it leaves them zero). nullptr
+  // where none is needed; the other GEMMs ignore them.
+  float* split_partials = nullptr;
+  int* split_counters = nullptr;
 };
 
 cudaError_t launch_quantize_act_lora_down(const QuantizeArgs& args, bool input_is_bf16, bool act_unsigned,

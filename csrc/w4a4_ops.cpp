@@ -121,10 +121,11 @@ KernelAShape check_kernel_a_inputs(const at::Tensor& x, const at::Tensor& smooth
   return {M, K, round_up(M, svdq::kGemmBlockM), R, round_up(R, 16)};
 }
 
-// Kernel A's split-K arrival counters (w4a4_int8.cu, kernel A): one int32 per row block, zero when a launch
-// starts, and every launch leaves them zero (the last block of each row block resets its own). So one
-// zero-filled buffer per device and stream serves every launch: launches on one stream run one after the
-// other, launches on different streams never share a buffer. A launch that needs more counters gets a new,
+// Split-K counters of kernel A (w4a4_int8.cu: one int32 per row block) and of the sm_90a GEMM (w4a4_sm90a.cu:
+// two per tile), zero when a launch starts, and every launch leaves them zero (the block or CTA that
+// finishes a row block or tile resets its own). So one zero-filled buffer per device and stream serves
+// every launch: launches on one stream run one after the other, launches on different streams never share a
+// buffer. A launch that needs more counters gets a new,
 // larger zero-filled buffer (allocated on that stream, so ordered before it). A few KB each, kept for the
 // life of the process (the map is never destroyed, so no CUDA memory is freed during exit).
 int* split_k_counters(const at::Device& dev, cudaStream_t stream, int64_t count) {
@@ -443,8 +444,15 @@ at::Tensor w4a4_gemm_sm90a(const at::Tensor& act, const at::Tensor& act_scales, 
                  reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0,
              "out must be a contiguous, 16-byte aligned [M, N] tensor of the layer's dtype");
   a.out = out.data_ptr();
-  check_cuda_error(svdq::launch_w4a4_gemm_sm90a(a, T == at::kBFloat16, c10::cuda::getCurrentCUDAStream().stream()),
-                   "w4a4_gemm_sm90a kernel");
+  // The split-K workspace (small M, long K): partial sums from the caching allocator, counters as kernel A's.
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  int64_t partial_floats = 0;
+  int counters = 0;
+  check_cuda_error(svdq::sm90a_gemm_workspace(a.M, a.N, a.K, &partial_floats, &counters), "device query");
+  at::Tensor partials = partial_floats > 0 ? at::empty({partial_floats}, lora_up.options().dtype(at::kFloat)) : at::Tensor();
+  a.split_partials = partials.defined() ? partials.data_ptr<float>() : nullptr;
+  a.split_counters = counters > 0 ? split_k_counters(dev, stream, counters) : nullptr;
+  check_cuda_error(svdq::launch_w4a4_gemm_sm90a(a, T == at::kBFloat16, stream), "w4a4_gemm_sm90a kernel");
   return out;
 }
 

@@ -61,7 +61,8 @@
 //   Epilogue: the low-rank branch (below), + bias, one rounding to T, stmatrix.trans into a per-warpgroup
 //        staging tile [BM tokens][64 rows], 16-byte coalesced stores of rows m < M (and n < N).
 // Tiles are walked m-fastest (tile % m_tiles), so CTAs running at the same time share weight columns.
-// BM = 64 where the fewer waves of 64-token tiles make up for their lower efficiency (small M; launch_typed).
+// BM = 64 where the fewer waves of 64-token tiles make up for their lower efficiency, and split K (two CTAs
+// per tile, each over half of K) where SMs would idle at long K (small M; launch_typed's plan).
 //
 // The low-rank branch on the tensor cores: acc += lora_act . lora_up^T with tf32 wgmmas, 32 ranks at a
 // time. lora_up (T: exact in tf32) is the register A operand; lora_act (fp32, 24-bit) is split into
@@ -134,7 +135,8 @@ constexpr int kOffSx = kOffW + kStages * kWBytes;
 constexpr int kOffSw = kOffSx + kStages * kSxBytes;
 constexpr int kOffStg = kOffSw + kStages * kSwBytes;
 constexpr int kOffBar = kOffStg + kConsumers * kStgBytes;
-constexpr int kSmemBytes = kOffBar + 2 * kStages * 8 + 1024;  // + slack to align the base to 1024 (swizzle atom)
+constexpr int kOffFlag = kOffBar + 2 * kStages * 8;  // split K: whether this CTA finished its tile's part first
+constexpr int kSmemBytes = kOffFlag + 16 + 1024;  // + slack to align the base to 1024 (swizzle atom)
 static_assert(kOffStg % 1024 == 0, "the staged lora_act tiles start on a swizzle atom");
 // Bytes one stage's TMA loads bring for a tile of BM tokens (the shared-memory layout is kBlockM's).
 template <int BM>
@@ -302,12 +304,13 @@ __device__ __forceinline__ void weight_frags(const uint8_t* w_stage, int g, int 
 // The kernel. Lane (gid, tid) of warp w of consumer warpgroup cw owns tile-local weight rows
 // row = 64cw + 16w + gid and row + 8, and tokens 8j + 2tid + e (j < BM / 8, e = 0..1):
 //   acc[4j + 2i + e] = y[m0 + 8j + 2tid + e, n0 + row + 8i]  (the m64nBM D fragment).
-template <typename T, int BM>
+template <typename T, int BM, bool kSplitK>
 __global__ void __launch_bounds__(kThreads, 1)
 w4a4_gemm_sm90a_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_constant__ CUtensorMap tm_w,
                        const __grid_constant__ CUtensorMap tm_sx, const __grid_constant__ CUtensorMap tm_sw,
                        const float* __restrict__ lora_act, const T* __restrict__ lora_up, const T* __restrict__ bias,
-                       T* __restrict__ y, int M, int N, int K, int M_pad, int R, int R16, int m_tiles, int tiles) {
+                       T* __restrict__ y, int M, int N, int K, int M_pad, int R, int R16, int m_tiles, int units,
+                       float* __restrict__ split_partials, int* __restrict__ split_counters) {
 #if SVDQ_SM90A_DEVICE
   constexpr int kAccs = BM / 2;  // fp32 accumulators per consumer thread (the m64nBM D fragment)
   extern __shared__ uint8_t smem_raw[];
@@ -319,7 +322,9 @@ w4a4_gemm_sm90a_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_
   T* sw_s = reinterpret_cast<T*>(smem + kOffSw);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kOffBar);  // stage loaded (TMA bytes arrived)
   uint64_t* empty = full + kStages;                              // stage consumed (every consumer warp)
-  const int k_steps = K / kBlockK;
+  // Work units: tile unit / kSplits, part unit % kSplits of its K steps (a tile's parts are neighbours).
+  constexpr int kSplits = kSplitK ? 2 : 1;
+  const int k_steps = K / kBlockK / kSplits;
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -340,9 +345,10 @@ w4a4_gemm_sm90a_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tm_w)) : "memory");
       int stage = 0;
       uint32_t phase = 0;
-      for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
+        const int tile = unit / kSplits, kt0 = (unit % kSplits) * k_steps;
         const int m0 = (tile % m_tiles) * BM, n0 = (tile / m_tiles) * kBlockN;
-        for (int kt = 0; kt < k_steps; ++kt) {
+        for (int kt = kt0; kt < kt0 + k_steps; ++kt) {
           mbar_wait(&empty[stage], phase ^ 1);
           mbar_expect_tx(&full[stage], stage_tx_bytes<BM>());
           // Out-of-range boxes (tokens past M_pad) are zero-filled by the TMA unit.
@@ -372,7 +378,8 @@ w4a4_gemm_sm90a_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_
   int stage = 0;
   uint32_t phase = 0;
 
-  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+  for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
+    const int tile = unit / kSplits;
     const int m0 = (tile % m_tiles) * BM, n0 = (tile / m_tiles) * kBlockN;
     float acc[kAccs];
 #pragma unroll
@@ -429,6 +436,31 @@ w4a4_gemm_sm90a_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_
         phase ^= 1;
       }
     }
+
+    // ---------------- split K (the kSplitK instances): both parts store their fp32 sums and count themselves in
+    // on the tile's counter (after a fence, as kernel A does); the second to arrive adds the two stored sets,
+    // part 0's + part 1's (the same bits whichever arrives second), finishes the tile and sets the counter
+    // back to 0 for the next launch. Adding from memory, not into the live accumulators, keeps ptxas from
+    // spilling them.
+    if constexpr (kSplitK) {
+      const int ct = threadIdx.x - 128;  // consumer thread 0 .. 128 * kConsumers - 1
+      constexpr int kStride = 128 * kConsumers;
+      float* parts = split_partials + static_cast<int64_t>(tile) * (2 * kAccs * kStride);
+      float* mine = parts + (unit % kSplits) * (kAccs * kStride);
+#pragma unroll
+      for (int i = 0; i < kAccs; ++i) __stcg(mine + i * kStride + ct, acc[i]);
+      __threadfence();
+      named_bar_sync(1, 128 * kConsumers);
+      volatile int* second = reinterpret_cast<volatile int*>(smem + kOffFlag);
+      if (ct == 0) *second = atomicAdd(split_counters + tile, 1) == 1;
+      named_bar_sync(1, 128 * kConsumers);
+      if (!*second) continue;  // the other part finishes the tile
+      __threadfence();
+#pragma unroll
+      for (int i = 0; i < kAccs; ++i) acc[i] = __ldcg(parts + i * kStride + ct) + __ldcg(parts + (kAccs + i) * kStride + ct);
+      if (ct == 0) split_counters[tile] = 0;
+    }
+
 
     // ---------------- epilogue 1: low-rank branch on the tensor cores, acc += lora_act . lora_up^T (top
     // comment): all consumers stage the tile's lora_act as tf32 hi / lo [BM][32] tiles over their staging
@@ -558,7 +590,7 @@ bool make_map(CUtensorMap* map, CUtensorMapDataType dtype, const void* ptr, uint
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <typename T, int BM>
+template <typename T, int BM, bool kSplitK>
 cudaError_t launch_tiles(const GemmArgs& a, int sms, cudaStream_t stream) {
   using namespace sm90a;
   const CUtensorMapDataType half_type =
@@ -573,37 +605,77 @@ cudaError_t launch_tiles(const GemmArgs& a, int sms, cudaStream_t stream) {
                 CU_TENSOR_MAP_SWIZZLE_NONE) ||
       !make_map(&tm_sw, half_type, a.wscales, a.N, G, a.N * 2ull, kBlockN, 2, CU_TENSOR_MAP_SWIZZLE_NONE))
     return cudaErrorInvalidValue;
-  auto kernel = w4a4_gemm_sm90a_kernel<T, BM>;
+  auto kernel = w4a4_gemm_sm90a_kernel<T, BM, kSplitK>;
   const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (e != cudaSuccess) return e;
+  if (kSplitK && (a.split_partials == nullptr || a.split_counters == nullptr)) return cudaErrorInvalidValue;
   const int m_tiles = (a.M + BM - 1) / BM;
-  const int tiles = m_tiles * ((a.N + kBlockN - 1) / kBlockN);
-  kernel<<<tiles < sms ? tiles : sms, kThreads, kSmemBytes, stream>>>(
+  const int units = m_tiles * ((a.N + kBlockN - 1) / kBlockN) * (kSplitK ? 2 : 1);
+  kernel<<<units < sms ? units : sms, kThreads, kSmemBytes, stream>>>(
       tm_act, tm_w, tm_sx, tm_sw, a.lora_act, static_cast<const T*>(a.lora_up), static_cast<const T*>(a.bias),
-      static_cast<T*>(a.out), a.M, a.N, a.K, a.M_pad, a.R, a.R16, m_tiles, tiles);
+      static_cast<T*>(a.out), a.M, a.N, a.K, a.M_pad, a.R, a.R16, m_tiles, units, a.split_partials,
+      a.split_counters);
   return cudaGetLastError();
 }
 
-// 128-token tiles, or 64-token ones where fewer waves make up for their lower efficiency: one CTA per SM,
-// so a launch takes about waves x the time of one tile, and a 64-token tile takes ~0.65 of a 128-token
-// one (H100, 2026-11-22, the GEMM alone at rank 32, M = 256 / 512 / 1024 x qkv, proj, fc1, fc2: 0.60-0.69;
-// this rule picked the faster width in all 12 cases: e.g. qkv M = 256 41 us on 128 instead of 50 on 64,
-// proj M = 512 28 us on 64 instead of 40, fc2 M = 1024 126 us on 128 instead of 161).
+// The launch plan: 128-token tiles; 64-token ones; or 128-token tiles over half of K each (split K), where
+// waves x unit time is lowest. One CTA per SM, so a launch takes about waves x the time of one unit; a
+// 64-token tile takes ~0.65 of a 128-token one (H100, 2026-11-22, the GEMM alone at rank 32, M = 256 / 512 /
+// 1024 x qkv, proj, fc1, fc2: 0.60-0.69; this picked the faster width in all 12 cases: e.g. qkv M = 256 41 us
+// on 128 instead of 50 on 64, proj M = 512 28 us on 64 instead of 40, fc2 M = 1024 126 us on 128 instead of
+// 161), and half of a 128-token tile's K 0.5 + 0.22 x 3072 / K of it (its fixed costs and the exchange of
+// the partial sums: ~0.72 at K = 3072, ~0.57 at K = 12288 measured), so only long K splits; and only where
+// 128-token tiles leave SMs idle (the regime measured: the exchange grows with M).
+struct Plan {
+  int bm;
+  bool split;
+  int64_t tiles;  // tiles of bm tokens
+};
+
+int sm_count() {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    return 0;
+  return sms;
+}
+
+Plan plan_for(int M, int N, int K, int sms) {
+  using namespace sm90a;
+  const int64_t row_tiles = (N + kBlockN - 1) / kBlockN;
+  const int64_t tiles128 = (M + kBlockM - 1) / kBlockM * row_tiles, tiles64 = (M + 63) / 64 * row_tiles;
+  auto waves = [&](int64_t units) { return (units + sms - 1) / sms; };
+  Plan best{kBlockM, false, tiles128};
+  int64_t best_cost = waves(tiles128) * 100;
+  if (waves(tiles64) * 65 < best_cost) {
+    best = Plan{64, false, tiles64};
+    best_cost = waves(tiles64) * 65;
+  }
+  if (tiles128 < sms && (K / kBlockK) % 2 == 0 && waves(2 * tiles128) * (50 * int64_t{K} + 22 * 3072) < best_cost * K)
+    best = Plan{kBlockM, true, tiles128};
+  return best;
+}
+
 template <typename T>
 cudaError_t launch_typed(const GemmArgs& a, cudaStream_t stream) {
   using namespace sm90a;
   if (a.N % kSm90aNMultiple || a.K % kBlockK || a.M_pad % 16 || a.M > a.M_pad || a.M <= 0) return cudaErrorInvalidValue;
-  int device = 0, sms = 0;
-  cudaError_t e = cudaGetDevice(&device);
-  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (e != cudaSuccess) return e;
-  const int64_t row_tiles = (a.N + kBlockN - 1) / kBlockN;
-  const int64_t waves128 = ((a.M + kBlockM - 1) / kBlockM * row_tiles + sms - 1) / sms;
-  const int64_t waves64 = ((a.M + 63) / 64 * row_tiles + sms - 1) / sms;
-  return waves64 * 65 < waves128 * 100 ? launch_tiles<T, 64>(a, sms, stream) : launch_tiles<T, kBlockM>(a, sms, stream);
+  const int sms = sm_count();
+  if (sms <= 0) return cudaErrorInvalidDevice;
+  const Plan plan = plan_for(a.M, a.N, a.K, sms);
+  if (plan.split) return launch_tiles<T, kBlockM, true>(a, sms, stream);
+  return plan.bm == 64 ? launch_tiles<T, 64, false>(a, sms, stream) : launch_tiles<T, kBlockM, false>(a, sms, stream);
 }
 
 }  // namespace
+
+cudaError_t sm90a_gemm_workspace(int M, int N, int K, int64_t* partial_floats, int* counters) {
+  const int sms = sm_count();
+  if (sms <= 0) return cudaErrorInvalidDevice;
+  const Plan plan = plan_for(M, N, K, sms);
+  *partial_floats = plan.split ? plan.tiles * 2 * (plan.bm / 2) * 128 * sm90a::kConsumers : 0;  // both parts' sums
+  *counters = plan.split ? static_cast<int>(plan.tiles) : 0;  // arrivals per tile
+  return cudaSuccess;
+}
 
 cudaError_t launch_w4a4_gemm_sm90a(const GemmArgs& args, bool is_bf16, cudaStream_t stream) {
   return is_bf16 ? launch_typed<__nv_bfloat16>(args, stream) : launch_typed<__half>(args, stream);

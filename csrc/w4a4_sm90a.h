@@ -21,6 +21,11 @@ constexpr int kSm90aNMultiple = 64;
 cudaError_t launch_quantize_act_e4m3(const QuantizeArgs& args, bool input_is_bf16, bool act_unsigned,
                                      cudaStream_t stream);
 
+// The split-K workspace the GEMM below needs for this shape on the current device (small M and long K: two
+// CTAs per 128-token tile, each over half of K; launch plan in w4a4_sm90a.cu): partial_floats fp32 values and
+// `counters` int32 counters (zero-initialized once: every launch leaves them zero). 0 = none.
+cudaError_t sm90a_gemm_workspace(int M, int N, int K, int64_t* partial_floats, int* counters);
+
 // The GEMM with the fused epilogue, GemmArgs as for launch_w4a4_gemm (act_packed / act_scales as the
 // kernel above writes them). N % 64 == 0, K % 128 == 0, M_pad % 16 == 0. Only the sm_90a build has the
 // kernel's body (the other archs hold an empty stub): the caller checks that the device is sm_90.

@@ -668,9 +668,10 @@ def test_replaced_buffers_in_inference_mode(mma_path):
 
 
 @requires_cuda
-def test_repeatable(mma_path):
-    layer = make_layer(3072, 3072, 32)
-    x = make_input((999,), 3072, unsigned=False, dtype=torch.bfloat16)
+@pytest.mark.parametrize("M,K", [(999, 3072), (333, 12288)])  # sm_90's wgmma path: one pass over K; split K
+def test_repeatable(mma_path, M, K):
+    layer = make_layer(3072, K, 32)
+    x = make_input((M,), K, unsigned=False, dtype=torch.bfloat16)
     y0 = cuda_backend.forward(layer, x)
     for _ in range(3):
         assert torch.equal(cuda_backend.forward(layer, x), y0)
@@ -747,9 +748,11 @@ def test_forced_path_launches_its_kernels(mma_path):
 @pytest.mark.parametrize("unsigned", [False, True])
 def test_mma_paths_agree_bitwise(ext, monkeypatch, unsigned, dtype):
     """Every path computes the same exact group sums and adds them in the same fp32 order (sm_90's wgmma
-    path included: the shape is one it takes), so at rank 0 all outputs are bit-identical. The low-rank
-    branch is fp32 FMAs on the mma.sync paths (bit-identical among them) and tf32 hi/lo wgmmas on the wgmma
-    path, which agrees with the spec to the tolerance of check_linear instead."""
+    path included: the shape is one it takes in one pass over K), so at rank 0 all outputs are
+    bit-identical. The low-rank branch is fp32 FMAs on the mma.sync paths (bit-identical among them) and
+    tf32 hi/lo wgmmas on the wgmma path, which agrees with the spec to the tolerance of check_linear instead;
+    so does the wgmma path where it splits K at small M (two halves added at the end: another fp32 order,
+    test_linear_matches_reference's K = 12288 cases)."""
     capability = torch.cuda.get_device_capability()
     names = [p.name for p in cuda_backend.MMA_PATHS.values() if capability >= p.min_capability
              and (not p.exact_capability or capability == p.min_capability)]
@@ -847,14 +850,14 @@ def test_build_all_archs(tmp_path, monkeypatch):
         # for every arch, plain CUDA) likewise, and its GEMM (bf16/fp16; an empty stub but on sm_90a)
         assert sum("quantize_act_lora_down_kernel" in n and "Lane16Layout" in n for n in names) == 4, (arch, names)
         assert sum("quantize_act_lora_down_kernel" in n and "Lane16E4M3Layout" in n for n in names) == 4, (arch, names)
-        assert sum(WGMMA_KERNEL in n for n in names) == 4, (arch, names)  # x 64/128-token tiles
+        assert sum(WGMMA_KERNEL in n for n in names) == 6, (arch, names)  # x 64/128-token tiles, 128 split K
         for flavour in NVFP4_FLAVOURS.values():  # bf16/fp16; E2M1 codes are signed
             assert sum("w4a4_gemm_kernel" in n and flavour in n for n in names) == 2, (arch, names)
         for layout in ("E2M1Layout", "E2M1NativeLayout"):
             assert sum("quantize_act_lora_down_kernel" in n and layout in n for n in names) == 2, (arch, names)
-    # One exception, bounded: the sm_90a GEMM's 128-token tiles run its three consumer warpgroups at the
-    # 160 registers setmaxnreg can give them, and ptxas spills a few loop-carried scalars (20 bytes with nvcc
-    # 13.0) there; measured on an H100 that variant is the fastest (csrc/w4a4_sm90a.cu, docs/benchmarks.md).
+    # One exception, bounded: the sm_90a GEMM's 128-token tiles (with split K or not) run its three consumer
+    # warpgroups at the 160 registers setmaxnreg can give them, and ptxas spills a few loop-carried scalars
+    # (20 bytes with nvcc 13.0) there; measured on an H100 that variant is the fastest (csrc/w4a4_sm90a.cu, docs/benchmarks.md).
     def allowed(name, sm, stores, loads):
         return WGMMA_KERNEL in name and "Li128E" in name and sm == "90" and max(int(stores), int(loads)) <= 32
     spilling = [(name, sm) for name, sm, stores, loads in kernels
