@@ -62,7 +62,10 @@
 //        staging tile [BM tokens][64 rows], 16-byte coalesced stores of rows m < M (and n < N).
 // Tiles are walked m-fastest (tile % m_tiles), so CTAs running at the same time share weight columns.
 // BM = 64 where the fewer waves of 64-token tiles make up for their lower efficiency, and split K (two CTAs
-// per tile, each over half of K) where SMs would idle at long K (small M; launch_typed's plan).
+// per tile, each over half of K) where SMs would idle at long K (small M; launch_typed's plan). Split K is
+// its own kernel instance (kSplitK): the exchange of the partial sums in the same code made ptxas allocate
+// the unsplit launches' main loop differently (3-11% slower on an H100); with the template they compile
+// exactly as without it.
 //
 // The low-rank branch on the tensor cores: acc += lora_act . lora_up^T with tf32 wgmmas, 32 ranks at a
 // time. lora_up (T: exact in tf32) is the register A operand; lora_act (fp32, 24-bit) is split into
