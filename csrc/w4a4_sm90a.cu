@@ -138,7 +138,7 @@ constexpr int kOffSx = kOffW + kStages * kWBytes;
 constexpr int kOffSw = kOffSx + kStages * kSxBytes;
 constexpr int kOffStg = kOffSw + kStages * kSwBytes;
 constexpr int kOffBar = kOffStg + kConsumers * kStgBytes;
-constexpr int kOffFlag = kOffBar + 2 * kStages * 8;  // split K: whether this CTA finished its tile's part first
+constexpr int kOffFlag = kOffBar + 2 * kStages * 8;  // split K: whether this CTA is its tile's second part to arrive
 constexpr int kSmemBytes = kOffFlag + 16 + 1024;  // + slack to align the base to 1024 (swizzle atom)
 static_assert(kOffStg % 1024 == 0, "the staged lora_act tiles start on a swizzle atom");
 // Bytes one stage's TMA loads bring for a tile of BM tokens (the shared-memory layout is kBlockM's).
