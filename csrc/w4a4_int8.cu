@@ -288,7 +288,9 @@ struct RoundedDivisor {
     y = fmaf(r, fmaf(-divisor, r, 1.f), r);
     ordinary = fabsf(divisor) >= kDivisorMin && fabsf(divisor) <= kDivisorMax;
   }
-  __device__ __forceinline__ float fast_quotient(float a) const {
+  __device__ __forceinline__ float fast_quotient(float a) const { return quotient(a, b, y); }
+  // The same from a divisor b and its y computed elsewhere (kernel A shares them between lanes).
+  static __device__ __forceinline__ float quotient(float a, float b, float y) {
     const float q = a * y;
     return fmaf(y, fmaf(-b, q, a), q);
   }
@@ -361,30 +363,33 @@ __device__ __forceinline__ void quantize_lane_chunk(const float (&xs)[2][4][4], 
 #pragma unroll
       for (int h = kHalf0; h < kHalf1; ++h) {
         if (!(scale[h] > 0.f)) continue;
+        // Clamped to [lo, hi]: the lower bound here (it also takes a NaN quotient to lo, as the spec's
+        // clamp does), the upper one only where it can bind. With an ordinary (normal) scale it cannot:
+        // |xs| <= amax and scale = fl(amax / hi) >= (amax / hi)(1 - 2^-24), so the quotient is at most
+        // hi (1 + 2^-23) and rounds to hi. A subnormal scale, in the rare branch, has too few bits for that.
+        constexpr float lo = kUnsigned ? 0.f : -7.f, hi = kUnsigned ? 15.f : 7.f;
         const RoundedDivisor by_scale(scale[h]);
         float q[4][4];
         if (by_scale.ordinary) {
 #pragma unroll
           for (int j = 0; j < 4; ++j)
 #pragma unroll
-            for (int b = 0; b < 4; ++b) q[j][b] = by_scale.fast_quotient(xs[h][j][b]);
+            for (int b = 0; b < 4; ++b) q[j][b] = fmaxf(by_scale.fast_quotient(xs[h][j][b]), lo);
         } else {  // rare: a tiny or huge scale
 #pragma unroll
           for (int j = 0; j < 4; ++j)
 #pragma unroll
-            for (int b = 0; b < 4; ++b) q[j][b] = __fdiv_rn(xs[h][j][b], scale[h]);
+            for (int b = 0; b < 4; ++b) q[j][b] = fminf(fmaxf(__fdiv_rn(xs[h][j][b], scale[h]), lo), hi);
         }
-        // Clamp, then round and take the integer's low 4 bits in one add: q + 1.5 * 2^23 (|q| <= 15) rounds
-        // to an integer, half to even as rintf does, and holds it, two's complement, in its low mantissa
-        // bits. The same codes as rintf, clamp, int conversion (the clamps' bounds are integers, so rounding
-        // commutes with them; a NaN quotient clamps to the lower bound either way) without the slower
-        // FRND and F2I.
+        // Round and take the integer's low 4 bits in one add: q + 1.5 * 2^23 (|q| <= 15) rounds to an
+        // integer, half to even as rintf does, and holds it, two's complement, in its low mantissa bits. The
+        // same codes as rintf, clamp, int conversion (the clamps' bounds are integers, so rounding commutes
+        // with them) without the slower FRND and F2I.
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
 #pragma unroll
           for (int b = 0; b < 4; ++b) {
-            const float c = kUnsigned ? fminf(fmaxf(q[j][b], 0.f), 15.f) : fminf(fmaxf(q[j][b], -7.f), 7.f);
-            const uint32_t nibble = __float_as_uint(c + 0x1.8p23f) & 0xFu;
+            const uint32_t nibble = __float_as_uint(q[j][b] + 0x1.8p23f) & 0xFu;
             words[h][j / 2] |= nibble << (16 * (j % 2) + 4 * b);
           }
         }
@@ -536,7 +541,8 @@ __device__ __forceinline__ void load_x_group(const T* const (&lane_x)[2], const 
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int dk = Layout::run_k(j, tid) - Layout::run_k(0, tid);
-    const bool k_valid = g * kGroup + Layout::run_k(j, tid) < K;  // a run of 4 never straddles K (a multiple of 16)
+    // A run of 4 never straddles K (a multiple of 16; of 64 for INT4, whose chunks are all in range).
+    const bool k_valid = !kE2M1Codes<Layout> || g * kGroup + Layout::run_k(j, tid) < K;
 #pragma unroll
     for (int h = 0; h < 2; ++h)
       raw[h][j] = row_valid[h] && k_valid ? __ldg(reinterpret_cast<const uint2*>(lane_x[h] + g * kGroup + dk))
@@ -555,7 +561,7 @@ template <typename T, typename Layout>
 __device__ __forceinline__ void lora_down_group(volatile float (*sums)[kQuantSumStride], const uint2 (&raw)[2][4],
                                                 const T* __restrict__ lora_down, int K, int R, int r0, int g, int gid,
                                                 int tid) {
-  const int k_left = K - g * kGroup;  // < 64 only in NVFP4's last chunk
+  const int k_left = kE2M1Codes<Layout> ? K - g * kGroup : kGroup;  // < 64 only in NVFP4's last chunk
   uint2 b[kQuantRankTiles][4];
 #pragma unroll
   for (int n = 0; n < kQuantRankTiles; ++n) {
@@ -594,11 +600,14 @@ __device__ __forceinline__ void lora_down_group(volatile float (*sums)[kQuantSum
   }
 }
 
-// Quantize group g of the lane's two rows from the raw x it loaded, and store codes and scales.
+// Quantize group g of the lane's two rows from the raw x it loaded, and store codes and scales. All 32
+// lanes of the warp call it together; divisors is the warp's scratch in shared memory.
 template <typename T, bool kUnsigned, typename Layout>
 __device__ __forceinline__ void quantize_group(const QuantizeArgs& a, const uint2 (&raw)[2][4], const int (&rows)[2],
-                                               const bool (&row_valid)[2], int g, int tid) {
+                                               const bool (&row_valid)[2], int g, int lane,
+                                               float (&divisors)[2][kGroup]) {
   const T* smooth = static_cast<const T*>(a.smooth);
+  const int tid = lane % 4;
   const int K = a.K, M_pad = a.M_pad, G = (K + kGroup - 1) / kGroup;
   // Bytes per token: two codes per byte, or one E4M3 byte per code (the wgmma path).
   const int64_t act_row_bytes = static_cast<int64_t>(G) * (kE4M3Bytes<Layout> ? kGroup : kGroup / 2);
@@ -607,44 +616,50 @@ __device__ __forceinline__ void quantize_group(const QuantizeArgs& a, const uint
   float* act_scales = a.act_scales;
 
   // Spec (numerics.smooth_input): fp32 add of the shift, then IEEE fp32 division by smooth, here by
-  // RoundedDivisor (one per column, for both rows); the group is redone with __fdiv_rn unless every
-  // divisor and every dividend of a row in M is in its fast path's range (the smallest and largest
-  // magnitudes tell: a zero or an infinity fails; a NaN passes, and its code is the same either way).
-  // Rows past M are padding and quantize as zeros (codes 0, scale 0) - NOT as the shifted value, which is
-  // non-zero for unsigned input.
+  // RoundedDivisor; the group is redone with __fdiv_rn unless every divisor, and every dividend of a row in
+  // M, is in its fast path's range (the smallest and largest magnitudes tell: an infinity fails; a NaN
+  // passes, and its code is the same either way). A zero dividend is exact on the fast path (a signed zero
+  // quotient, as __fdiv_rn gives): signed rows check the smallest magnitude anyway (a tiny x is possible),
+  // unsigned ones need not, since x + 0.171875 for a 16-bit x is 0 or at least 2^-13 in magnitude.
+  // The divisors' y: each column's once per warp (lane l: columns 2l, 2l+1), not once by each of the 8 lanes
+  // of a tid that hold the column; then every lane reads its runs' divisors and y from shared memory.
+  // Rows past M are padding: their x is 0 and their shift 0, so they quantize as zeros (codes 0, scale 0).
+  const float shift[2] = {kUnsigned && row_valid[0] ? 0.171875f : 0.f, kUnsigned && row_valid[1] ? 0.171875f : 0.f};
   auto shifted = [&](const uint2 (&src)[2][4], int h, int j, int b) {
-    float xf = Dtype<T>::to_float(reinterpret_cast<const T*>(&src[h][j])[b]);
-    if (kUnsigned) xf = __fadd_rn(xf, 0.171875f);
-    return xf;
+    const float xf = Dtype<T>::to_float(reinterpret_cast<const T*>(&src[h][j])[b]);
+    return kUnsigned ? __fadd_rn(xf, shift[h]) : xf;
   };
-  auto load_smooth_run = [&](int j, float (&smv)[4]) {  // run j's 4 divisors; 1 past K (the values are 0)
-    const int k = g * kGroup + Layout::run_k(j, tid);
-    smv[0] = smv[1] = smv[2] = smv[3] = 1.f;
-    if (k < K) load4_float(smooth + k, smv);
-  };
-  float xs[2][4][4];  // [row half][run j][b]: smoothed values at k = g*64 + Layout::run_k(j, tid) + b
   using D = RoundedDivisor;
+  bool divisors_ordinary;
+  {
+    const int k = g * kGroup + 2 * lane;  // K is a multiple of 16: a pair is all in range or all out
+    float2 b = make_float2(1.f, 1.f);     // 1 past K (the values are 0)
+    if (k < K) b = Dtype<T>::to_float2(__ldg(reinterpret_cast<const uint32_t*>(smooth + k)));
+    const D d0(b.x), d1(b.y);
+    __syncwarp();  // every lane is done reading the previous group's
+    *reinterpret_cast<float2*>(&divisors[0][2 * lane]) = b;
+    *reinterpret_cast<float2*>(&divisors[1][2 * lane]) = make_float2(d0.y, d1.y);
+    divisors_ordinary = __all_sync(0xffffffffu, d0.ordinary && d1.ordinary);
+  }
+  float xs[2][4][4];  // [row half][run j][b]: smoothed values at k = g*64 + Layout::run_k(j, tid) + b
   float a_min[2] = {D::kDividendMax, D::kDividendMax}, a_max[2] = {D::kDividendMin, D::kDividendMin};
-  float b_min = D::kDivisorMax, b_max = D::kDivisorMin;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    float smv[4];
-    load_smooth_run(j, smv);
+    const float4 bv = *reinterpret_cast<const float4*>(&divisors[0][Layout::run_k(j, tid)]);
+    const float4 yv = *reinterpret_cast<const float4*>(&divisors[1][Layout::run_k(j, tid)]);
+    const float bs[4] = {bv.x, bv.y, bv.z, bv.w}, ys[4] = {yv.x, yv.y, yv.z, yv.w};
 #pragma unroll
     for (int b = 0; b < 4; ++b) {
-      const RoundedDivisor by_smooth(smv[b]);
-      b_min = fminf(b_min, fabsf(smv[b]));
-      b_max = fmaxf(b_max, fabsf(smv[b]));
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const float xf = shifted(raw, h, j, b);
-        xs[h][j][b] = by_smooth.fast_quotient(xf);
-        a_min[h] = fminf(a_min[h], fabsf(xf));
+        xs[h][j][b] = D::quotient(xf, bs[b], ys[b]);
+        if (!kUnsigned) a_min[h] = fminf(a_min[h], fabsf(xf));
         a_max[h] = fmaxf(a_max[h], fabsf(xf));
       }
     }
   }
-  bool fast = b_min >= D::kDivisorMin && b_max <= D::kDivisorMax;
+  bool fast = divisors_ordinary;
 #pragma unroll
   for (int h = 0; h < 2; ++h)
     fast = fast && (!row_valid[h] || (a_min[h] >= D::kDividendMin && a_max[h] <= D::kDividendMax));
@@ -656,20 +671,14 @@ __device__ __forceinline__ void quantize_group(const QuantizeArgs& a, const uint
     load_x_group<T, Layout>(lane_x, row_valid, K, g, tid, again);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      float smv[4];
-      load_smooth_run(j, smv);
+      const float4 bv = *reinterpret_cast<const float4*>(&divisors[0][Layout::run_k(j, tid)]);
+      const float bs[4] = {bv.x, bv.y, bv.z, bv.w};
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
-        for (int b = 0; b < 4; ++b) xs[h][j][b] = __fdiv_rn(shifted(again, h, j, b), smv[b]);
+        for (int b = 0; b < 4; ++b) xs[h][j][b] = __fdiv_rn(shifted(again, h, j, b), bs[b]);
     }
   }
-#pragma unroll
-  for (int h = 0; h < 2; ++h)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int b = 0; b < 4; ++b) xs[h][j][b] = row_valid[h] ? xs[h][j][b] : 0.f;
 
   // One row half at a time (quantize_lane_chunk's kHalf0, kHalf1): fewer values live.
   uint32_t words[2][2];
@@ -706,6 +715,7 @@ quantize_act_lora_down_kernel(const QuantizeArgs a, const QuantizePlan plan) {
   // 40 floats per row: a warp's accesses to one C element of its lanes (row gid + 8h, rank 8n + 2tid + e)
   // hit 16 banks twice each, rather than 4 banks 8 times with 32.
   __shared__ __align__(16) float seg_sum[kQuantWarps][kQuantRows][kQuantSumStride];
+  __shared__ __align__(16) float smooth_div[kQuantWarps][2][kGroup];  // quantize_group's: a group's divisors and y
   __shared__ bool last_block;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -755,7 +765,7 @@ quantize_act_lora_down_kernel(const QuantizeArgs a, const QuantizePlan plan) {
         for (int j = 0; j < 4; ++j) raw[h][j] = raw_next[h][j];
       if (rank_count > 0) lora_down_group<T, Layout>(sums, raw, lora_down, K, R, r0, g, gid, tid);
       if (g + 1 < g_end) load_x_group<T, Layout>(lane_x, row_valid, K, g + 1, tid, raw_next);
-      if (pass == 0) quantize_group<T, kUnsigned, Layout>(a, raw, rows, row_valid, g, tid);
+      if (pass == 0) quantize_group<T, kUnsigned, Layout>(a, raw, rows, row_valid, g, lane, smooth_div[warp]);
     }
     if (rank_count <= 0) break;
 

@@ -166,7 +166,9 @@ MIRRORED = {
         "const uint32_t r[4] = {w0 & 0xFFFFu, w0 >> 16, w1 & 0xFFFFu, w1 >> 16};",
         "*reinterpret_cast<unsigned short*>(chunk + Layout::run_k(j, tid) / 2) = static_cast<unsigned short>(r[j]);",
         # kernel A
-        "const int k = g * kGroup + Layout::run_k(j, tid);",
+        "const int k = g * kGroup + 2 * lane;",
+        "if (k < K) b = Dtype<T>::to_float2(__ldg(reinterpret_cast<const uint32_t*>(smooth + k)));",
+        "xs[h][j][b] = D::quotient(xf, bs[b], ys[b]);",
         "const int64_t act_row_bytes = static_cast<int64_t>(G) * (kGroup / 2);",
         "const int rows[2] = {row_base + gid, row_base + gid + 8};",
         "if (quant_step<Layout>(j) != t) continue;",

@@ -78,6 +78,7 @@ def make_input(shape, K, *, unsigned, dtype, device="cuda", seed=1):
     if unsigned:  # a GELU output, plus a few values below -0.171875 (negative after the shift -> code 0)
         x = F.gelu(torch.randn(*shape, K, generator=g, device=device) * 2, approximate="tanh")
         x.view(-1)[:: 97] = -0.5
+        x.view(-1)[1:: 89] = -0.171875  # exactly 0 after the shift (a zero dividend of the smooth division)
     else:  # per-channel outliers, so groups see very different ranges
         x = torch.randn(*shape, K, generator=g, device=device)
         x = x * torch.exp(torch.randn(K, generator=g, device=device))
