@@ -652,6 +652,7 @@ __device__ __forceinline__ void quantize_group(const QuantizeArgs& a, const uint
     __syncwarp();  // every lane is done reading the previous group's
     *reinterpret_cast<float2*>(&divisors[0][2 * lane]) = b;
     *reinterpret_cast<float2*>(&divisors[1][2 * lane]) = make_float2(d0.y, d1.y);
+    __syncwarp();  // the stores are seen by every lane (a vote does not order memory)
     divisors_ordinary = __all_sync(0xffffffffu, d0.ordinary && d1.ordinary);
   }
   float xs[2][4][4];  // [row half][run j][b]: smoothed values at k = g*64 + Layout::run_k(j, tid) + b
