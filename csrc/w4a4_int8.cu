@@ -552,14 +552,14 @@ __device__ __forceinline__ void load_x_group(const T* const (&lane_x)[2], const 
 
 // Group g's lora_down rows of this pass into L1 (one 128-byte line per rank: lane l takes rank r0 + l), a
 // group ahead of lora_down_group, whose fragment loads then hit L1 instead of waiting on L2 (H100, kernel A
-// at rank 32: 4608 x 15360 155 -> 151 us on the wgmma layout, 140 -> 133 on s8's). INT4 layouts only (the
+// at rank 32: 4608 x 15360 155 -> 151 us on the wgmma layout, 140 -> 136 on s8's). INT4 layouts only (the
 // NVFP4 ones are a correctness feature on the GPUs without block-scaled FP4, and ptxas spills there).
 template <typename T>
 __device__ __forceinline__ void prefetch_lora_down(const T* __restrict__ lora_down, int K, int R, int r0, int g,
-                                                   int lane) {
+                                                   int lane) {  // g < G: the caller's next group
   static_assert(kQuantRankChunk == 32, "one lane per rank of a pass");
   const int rank = r0 + lane;
-  if (rank < R && g * kGroup < K)
+  if (rank < R)
     asm volatile("prefetch.global.L1 [%0];" ::"l"(lora_down + static_cast<int64_t>(rank) * K + g * kGroup));
 }
 
