@@ -51,7 +51,8 @@
 // Kernel structure: persistent, warp-specialized, 512 threads = 4 warpgroups, one CTA per SM.
 //   WG0  producer: one thread issues the TMA loads of each K step (128 k = two 64-groups) into a ring of
 //        kStages stages (mbarrier "full" with the byte count, "empty" arrived by the 12 consumer warps);
-//        setmaxnreg gives its registers to the consumers.
+//        warps 1..3 stage the low-rank branch's operands (below); setmaxnreg gives the rest of its
+//        registers to the consumers.
 //   WG1..3  consumers: CTA tile 192 weight rows x BM tokens, 64 rows each. Per group: unpack the weight
 //        fragments (nibbles -> E4M3 bytes, integer ops), two wgmma m64nBMk32 into a fresh fp32 D, wait, then
 //        acc = fma(D * sx, sw * 2^18, acc) for the BM / 2 accumulators (the promotion). A warpgroup's
@@ -67,15 +68,24 @@
 // the unsplit launches' main loop differently (3-11% slower on an H100); with the template they compile
 // exactly as without it.
 //
-// The low-rank branch on the tensor cores: acc += lora_act . lora_up^T with tf32 wgmmas, 32 ranks at a
-// time. lora_up (T: exact in tf32) is the register A operand; lora_act (fp32, 24-bit) is split into
-// hi = its top 11 significand bits (low 13 mantissa bits cleared: exact tf32) and lo = lora_act - hi
-// (exact in fp32, read as tf32: 11 more bits), staged [BM tokens][32 ranks] 128B-swizzled by all three
-// consumer warpgroups together; each k8 step is two wgmmas (hi, lo) summing into a fresh D per 64-token
-// sub-tile, which is then added to acc. So each product carries ~22 bits of lora_act (relative error
-// <= 2^-21), summed in the tensor core's fp32 accumulation: within the spec's tolerance (2^-16 of the sum
-// of absolute terms); plain tf32 (2^-11) would not be. (The CUDA-core fp32 version cost +53-82% over
-// rank 0 at M >= 4096 on an H200.)
+// The low-rank branch on the tensor cores: acc += lora_act . lora_up^T with tf32 wgmmas, 32 ranks (a
+// chunk) at a time. lora_up (T: exact in tf32) is the register A operand; lora_act (fp32, 24-bit) is split
+// into hi = its top 11 significand bits (low 13 mantissa bits cleared: exact tf32) and lo = lora_act - hi
+// (exact in fp32, read as tf32: 11 more bits), [BM tokens][32] tiles, 128B-swizzled; each k8 step is two
+// wgmmas (hi, lo) summing into a fresh D per 64-token sub-tile, which is then added to acc. So each product
+// carries ~22 bits of lora_act (relative error <= 2^-21), summed in the tensor core's fp32 accumulation:
+// within the spec's tolerance (2^-16 of the sum of absolute terms); plain tf32 (2^-11) would not be. (The
+// CUDA-core fp32 version cost +53-82% over rank 0 at M >= 4096 on an H200.)
+// The producer warpgroup's three idle warps stage each chunk into a buffer of its own while the consumers
+// run the tile's main loop (cp.async copies of lora_act and lora_up, then the hi / lo split in place), and
+// hand it over by mbarriers (lora_full / lora_empty): the consumers' epilogue reads only shared memory and
+// has no barrier between the consumer warpgroups, which keep the offsets in time their main loops overlap
+// by. (Until 2026-11-22 the consumers staged lora_act in their epilogue, loading lora_act and lora_up from
+// global memory behind barriers of all three warpgroups: +10% over rank 0 on qkv, docs/benchmarks.md.)
+// Inside each 8-rank piece the staged lora_act holds ranks 0, 2, 4, 6, 1, 3, 5, 7 in k slots 0..7: a lane's
+// two k slots of a step, tid and tid + 4, are then ranks 2tid and 2tid + 1, one 32-bit word of lora_up's row
+// (a dot product does not depend on the order of its k). One buffer: a chunk past a tile's first is staged
+// while the consumers wait for it (~3 us per tile on an H100).
 //
 // Numerics of the GEMM part (same as kernel B of w4a4_int8.cu, bit for bit):
 //   acc_g = fl(fl(s_g * sx) * sw + acc_{g-1}) in group order g = 0 .. G-1 (kernel B: fmaf(float(sum) * sx,
@@ -122,25 +132,30 @@ constexpr int kLoraChunk = 32;         // ranks per low-rank step: one 128-byte 
 
 // Shared memory, per stage: activation codes [BM][128 B] (128B-swizzled), weight codes [2 groups][192
 // rows][32 B], sx [2][BM] fp32, sw [2][192] T, each in a slot sized for BM = 128. Then per consumer
-// warpgroup one output staging tile [BM][64 + 8] T; in the low-rank step the three staging areas together
-// hold lora_act's hi and lo tiles.
+// warpgroup one output staging tile [BM][64 + 8] T; then one rank chunk of the low-rank branch, staged by the
+// producer warpgroup's spare warps: lora_act's tf32 hi and lo tiles and lora_up's chunk.
 constexpr int kActBytes = kBlockM * kBlockK;
 constexpr int kWBytes = kBlockN * kBlockK / 2;
 constexpr int kSxBytes = 2 * kBlockM * 4;
 constexpr int kSwBytes = 2 * kBlockN * 2;
 constexpr int kStgRow = 64 + 8;  // T per output staging row (64 weight rows + pad: conflict-free stmatrix)
 constexpr int kStgBytes = kBlockM * kStgRow * 2;
-constexpr int kLaTileBytes = kBlockM * kLoraChunk * 4;
-static_assert(2 * kLaTileBytes <= kConsumers * kStgBytes, "lora_act's hi and lo tiles fit the staging areas");
+constexpr int kLaTileBytes = kBlockM * kLoraChunk * 4;   // lora_act's hi or lo tile [BM][32] fp32
+constexpr int kLuRow = kLoraChunk + 8;                    // T per staged lora_up row (+ pad: conflict-free reads)
+constexpr int kLuBytes = kBlockN * kLuRow * 2;            // lora_up's chunk [192][32 + 8] T
+constexpr int kLoraWarps = 3;                              // the producer warpgroup's warps 1..3
 constexpr int kOffAct = 0;
 constexpr int kOffW = kOffAct + kStages * kActBytes;
 constexpr int kOffSx = kOffW + kStages * kWBytes;
 constexpr int kOffSw = kOffSx + kStages * kSxBytes;
 constexpr int kOffStg = kOffSw + kStages * kSwBytes;
-constexpr int kOffBar = kOffStg + kConsumers * kStgBytes;
-constexpr int kOffFlag = kOffBar + 2 * kStages * 8;  // split K: whether this CTA is its tile's second part to arrive
+constexpr int kOffLa = kOffStg + kConsumers * kStgBytes;
+constexpr int kOffLu = kOffLa + 2 * kLaTileBytes;
+constexpr int kOffBar = kOffLu + kLuBytes;
+constexpr int kOffFlag = kOffBar + (2 * kStages + 2) * 8;  // split K: whether this CTA is its tile's second part to arrive
 constexpr int kSmemBytes = kOffFlag + 16 + 1024;  // + slack to align the base to 1024 (swizzle atom)
-static_assert(kOffStg % 1024 == 0, "the staged lora_act tiles start on a swizzle atom");
+static_assert(kOffLa % 1024 == 0, "the staged lora_act tiles start on a swizzle atom");
+static_assert(kSmemBytes <= 227 * 1024, "sm_90's shared memory per block");
 // Bytes one stage's TMA loads bring for a tile of BM tokens (the shared-memory layout is kBlockM's).
 template <int BM>
 __host__ __device__ constexpr uint32_t stage_tx_bytes() { return BM * kBlockK + kWBytes + 2 * BM * 4 + kSwBytes; }
@@ -149,6 +164,9 @@ constexpr float kCodeScale2 = 262144.f;  // 2^18: E4M3 code values are q * 2^-9,
 template <typename T> struct Half;
 template <> struct Half<__nv_bfloat16> {
   static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  // The value in the low / high half of a word holding two (lower address = low half).
+  static __device__ __forceinline__ float lo_float(uint32_t w) { return __uint_as_float(w << 16); }
+  static __device__ __forceinline__ float hi_float(uint32_t w) { return __uint_as_float(w & 0xFFFF0000u); }
   static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);  // .x = lo (lower address)
     return *reinterpret_cast<uint32_t*>(&h);
@@ -156,6 +174,8 @@ template <> struct Half<__nv_bfloat16> {
 };
 template <> struct Half<__half> {
   static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ float lo_float(uint32_t w) { return __half2float(__ushort_as_half(static_cast<uint16_t>(w))); }
+  static __device__ __forceinline__ float hi_float(uint32_t w) { return __half2float(__ushort_as_half(static_cast<uint16_t>(w >> 16))); }
   static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
@@ -197,6 +217,14 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, u
           smem_u32(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1)
       : "memory");
+}
+// 16-byte asynchronous copy global -> shared (LDGSTS); zeros instead where !in (src-size 0).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool in) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(in ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
 }
 __device__ __forceinline__ void named_bar_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
@@ -275,6 +303,11 @@ __device__ __forceinline__ void pin(uint32_t& x) { asm volatile("" : "+r"(x)::"m
 // The tf32 "hi" part of v: its low 13 mantissa bits cleared. v - tf32_hi(v) is exact in fp32 and, read as
 // tf32 in turn, keeps 11 more bits: hi + lo carries v to ~2^-21 relative.
 __device__ __forceinline__ float tf32_hi(float v) { return __uint_as_float(__float_as_uint(v) & 0xFFFFE000u); }
+__device__ __forceinline__ void split_store(uint8_t* hi_dst, uint8_t* lo_dst, float4 v) {
+  const float4 hi = make_float4(tf32_hi(v.x), tf32_hi(v.y), tf32_hi(v.z), tf32_hi(v.w));
+  *reinterpret_cast<float4*>(hi_dst) = hi;
+  *reinterpret_cast<float4*>(lo_dst) = make_float4(v.x - hi.x, v.y - hi.y, v.z - hi.z, v.w - hi.w);
+}
 
 // ------------------------------------------------------------------------------------------------
 // Weight fragments
@@ -325,6 +358,11 @@ w4a4_gemm_sm90a_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_
   T* sw_s = reinterpret_cast<T*>(smem + kOffSw);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kOffBar);  // stage loaded (TMA bytes arrived)
   uint64_t* empty = full + kStages;                              // stage consumed (every consumer warp)
+  uint64_t* lora_full = empty + kStages;  // a rank chunk is staged (every low-rank thread)
+  uint64_t* lora_empty = lora_full + 1;   // the chunk is consumed (every consumer warp)
+  uint8_t* la_hi = smem + kOffLa;         // the chunk's lora_act: tf32 hi / lo tiles [BM][32], 128B-swizzled
+  uint8_t* la_lo = la_hi + kLaTileBytes;
+  uint16_t* lu_s = reinterpret_cast<uint16_t*>(smem + kOffLu);  // the chunk's lora_up (T's bits) [192][kLuRow]
   // Work units: tile unit / kSplits, part unit % kSplits of its K steps (a tile's parts are neighbours).
   constexpr int kSplits = kSplitK ? 2 : 1;
   const int k_steps = K / kBlockK / kSplits;
@@ -334,6 +372,8 @@ w4a4_gemm_sm90a_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], kConsumerWarps);
     }
+    mbar_init(lora_full, 32 * kLoraWarps);
+    mbar_init(lora_empty, kConsumerWarps);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
   }
@@ -342,7 +382,7 @@ w4a4_gemm_sm90a_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_
   const int wg = threadIdx.x / 128;
   if (wg == 0) {
     // ---------------- producer: one thread streams every tile's K steps through the stage ring
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 32;\n" ::: "memory");
     if (threadIdx.x == 0) {
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tm_act)) : "memory");
       asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tm_w)) : "memory");
@@ -366,12 +406,59 @@ w4a4_gemm_sm90a_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_
           }
         }
       }
+    } else if (threadIdx.x >= 32 && R > 0) {
+      // ---------------- the low-rank warps: stage every unit's rank chunks (one buffer) while the consumers
+      // run the main loop: lora_act as tf32 hi / lo tiles in the k order of the top comment, lora_up as it is.
+      // All copies are issued at once (cp.async), then each thread splits the lora_act pieces it copied, in
+      // place. Split K:
+      // both parts' units are staged (which one finishes the tile is known only at its end); the other
+      // part's consumers just release them.
+      const int lt = threadIdx.x - 32;  // 0 .. 32 * kLoraWarps - 1
+      const bool up_async = R % 8 == 0 && reinterpret_cast<uintptr_t>(lora_up) % 16 == 0;
+      uint32_t chunk = 0;  // chunks staged so far: its parity is the buffer's phase
+      for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
+        const int tile = unit / kSplits;
+        const int m0 = (tile % m_tiles) * BM, n0 = (tile / m_tiles) * kBlockN;
+        for (int r0 = 0; r0 < R; r0 += kLoraChunk, ++chunk) {
+          mbar_wait(lora_empty, (chunk & 1) ^ 1);
+          for (int e = lt; e < BM * 4; e += 32 * kLoraWarps) {  // BM tokens x 4 pieces of 8 ranks
+            const int tok = e >> 2, p = e & 3, m = m0 + tok, r = r0 + 8 * p;
+            const bool in = m < M_pad && r < R16;  // R16 % 16 == 0: all 8 ranks in
+            const float* src = in ? lora_act + static_cast<int64_t>(m) * R16 + r : lora_act;
+            // The 128B swizzle: 16-byte unit q of row tok at q ^ (tok % 8). Out of range: zeros.
+            cp_async16(la_hi + tok * 128 + (((2 * p) ^ (tok & 7)) << 4), src, in);
+            cp_async16(la_hi + tok * 128 + (((2 * p + 1) ^ (tok & 7)) << 4), src + 4, in);
+          }
+          for (int e = lt; e < kBlockN * 4; e += 32 * kLoraWarps) {  // 192 rows x 4 pieces of 8 ranks
+            const int rl = e >> 2, p = e & 3, n = n0 + rl, r = r0 + 8 * p;
+            const uint16_t* src = reinterpret_cast<const uint16_t*>(lora_up) + static_cast<int64_t>(n) * R + r;
+            uint16_t* dst = lu_s + rl * kLuRow + 8 * p;
+            if (up_async) {
+              const bool in = n < N && r < R;  // R % 8 == 0: all 8 ranks in
+              cp_async16(dst, in ? src : reinterpret_cast<const uint16_t*>(lora_up), in);
+            } else {
+#pragma unroll
+              for (int j = 0; j < 8; ++j) dst[j] = n < N && r + j < R ? src[j] : 0;
+            }
+          }
+          cp_async_wait_all();
+          for (int e = lt; e < BM * 4; e += 32 * kLoraWarps) {  // the pieces this thread copied: split, k order (top)
+            const int tok = e >> 2, p = e & 3;
+            const int off0 = tok * 128 + (((2 * p) ^ (tok & 7)) << 4), off1 = tok * 128 + (((2 * p + 1) ^ (tok & 7)) << 4);
+            const float4 a = *reinterpret_cast<const float4*>(la_hi + off0), b = *reinterpret_cast<const float4*>(la_hi + off1);
+            split_store(la_hi + off0, la_lo + off0, make_float4(a.x, a.z, b.x, b.z));  // ranks 8p + 0, 2, 4, 6
+            split_store(la_hi + off1, la_lo + off1, make_float4(a.y, a.w, b.y, b.w));  // ranks 8p + 1, 3, 5, 7
+          }
+          asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // generic-proxy stores -> wgmma reads
+          mbar_arrive(lora_full);
+        }
+      }
     }
     return;
   }
 
   // ---------------- consumers
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 160;\n" ::: "memory");  // 128 x 24 + 384 x 160 <= 64K
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 160;\n" ::: "memory");  // 128 x 32 + 384 x 160 = 64K
   const int cw = wg - 1;
   const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
   const int gid = lane >> 2, tid = lane & 3;
@@ -384,6 +471,8 @@ w4a4_gemm_sm90a_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_
   for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
     const int tile = unit / kSplits;
     const int m0 = (tile % m_tiles) * BM, n0 = (tile / m_tiles) * kBlockN;
+    // Rank chunks the low-rank warps staged before this unit's: their parity is the buffer's phase.
+    const uint32_t lora_chunk0 = (unit - blockIdx.x) / gridDim.x * ((R + kLoraChunk - 1) / kLoraChunk);
     float acc[kAccs];
 #pragma unroll
     for (int i = 0; i < kAccs; ++i) acc[i] = 0.f;
@@ -457,7 +546,14 @@ w4a4_gemm_sm90a_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_
       volatile int* second = reinterpret_cast<volatile int*>(smem + kOffFlag);
       if (ct == 0) *second = atomicAdd(split_counters + tile, 1) == 1;
       named_bar_sync(1, 128 * kConsumers);
-      if (!*second) continue;  // the other part finishes the tile
+      if (!*second) {  // the other part finishes the tile: release the chunks staged for this unit
+        for (uint32_t c = lora_chunk0; c < lora_chunk0 + (R + kLoraChunk - 1) / kLoraChunk; ++c) {
+          mbar_wait(lora_full, c & 1);
+          __syncwarp();
+          if (lane == 0) mbar_arrive(lora_empty);
+        }
+        continue;
+      }
       __threadfence();
 #pragma unroll
       for (int i = 0; i < kAccs; ++i) acc[i] = __ldcg(parts + i * kStride + ct) + __ldcg(parts + (kAccs + i) * kStride + ct);
@@ -466,32 +562,22 @@ w4a4_gemm_sm90a_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_
 
 
     // ---------------- epilogue 1: low-rank branch on the tensor cores, acc += lora_act . lora_up^T (top
-    // comment): all consumers stage the tile's lora_act as tf32 hi / lo [BM][32] tiles over their staging
-    // areas; lora_up's tf32 m64k8 fragment: a0 / a1 = rows row / row + 8 at k tid, a2 / a3 at k tid + 4.
+    // comment), from the chunks the low-rank warps staged; no barrier between the consumer warpgroups (each
+    // releases a chunk on its own), so they keep the offsets in time their main loops overlap by.
     if (R > 0) {
-      uint8_t* la_hi = smem + kOffStg;
-      uint8_t* la_lo = la_hi + kLaTileBytes;
-      for (int r0 = 0; r0 < R; r0 += kLoraChunk) {
-        named_bar_sync(1, 128 * kConsumers);  // all consumers are done with the staging areas (previous chunk / tile)
-        for (int e = threadIdx.x - 128; e < BM * 8; e += 128 * kConsumers) {  // BM tokens x 8 pieces of 4 ranks
-          const int tok = e >> 3, q = e & 7, m = m0 + tok, r = r0 + 4 * q;
-          float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-          if (m < M_pad && r < R16) v = __ldg(reinterpret_cast<const float4*>(lora_act + static_cast<int64_t>(m) * R16 + r));
-          const float4 hi = make_float4(tf32_hi(v.x), tf32_hi(v.y), tf32_hi(v.z), tf32_hi(v.w));
-          const float4 lo = make_float4(v.x - hi.x, v.y - hi.y, v.z - hi.z, v.w - hi.w);
-          const int off = tok * 128 + ((q ^ (tok & 7)) << 4);  // the 128B swizzle: 16-byte unit q of row tok
-          *reinterpret_cast<float4*>(la_hi + off) = hi;
-          *reinterpret_cast<float4*>(la_lo + off) = lo;
-        }
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // generic-proxy stores -> wgmma reads
-        named_bar_sync(1, 128 * kConsumers);
+      uint32_t chunk = lora_chunk0;
+      for (int r0 = 0; r0 < R; r0 += kLoraChunk, ++chunk) {
+        // lora_up's tf32 m64k8 fragments: u[s][i] = row + 8(i & 1) at k slot tid + 4(i >> 1) of step s, which
+        // holds rank 8s + 2tid + (i >> 1) (the staged k order, top comment).
         uint32_t u[kLoraChunk / 8][4];
+        mbar_wait(lora_full, chunk & 1);
 #pragma unroll
         for (int s = 0; s < kLoraChunk / 8; ++s)
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int rank = r0 + 8 * s + tid + 4 * (i >> 1), rr = n0 + row + 8 * (i & 1);
-            u[s][i] = rank < R && rr < N ? __float_as_uint(Half<T>::to_float(lora_up[static_cast<int64_t>(rr) * R + rank])) : 0u;
+          for (int h = 0; h < 2; ++h) {  // rows row, row + 8: ranks 8s + 2tid and 8s + 2tid + 1, one word
+            const uint32_t w = *reinterpret_cast<const uint32_t*>(lu_s + (row + 8 * h) * kLuRow + 8 * s + 2 * tid);
+            u[s][h] = __float_as_uint(Half<T>::lo_float(w));
+            u[s][2 + h] = __float_as_uint(Half<T>::hi_float(w));
           }
         // Per 64-token sub-tile: the chunk's products summed by the tensor core into a fresh D, then added
         // to acc (acc itself as the wgmma's D would pin it to the instruction's register blocks: ptxas spills).
@@ -517,8 +603,9 @@ w4a4_gemm_sm90a_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_
         for (int s = 0; s < kLoraChunk / 8; ++s)
 #pragma unroll
           for (int i = 0; i < 4; ++i) pin(u[s][i]);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(lora_empty);  // this warp's wgmmas are done reading the chunk
       }
-      named_bar_sync(1, 128 * kConsumers);  // the other warpgroups' wgmmas are done reading the staged lora_act
     }
 
     // ---------------- epilogue 2: bias, one rounding, transpose through shared memory, coalesced stores

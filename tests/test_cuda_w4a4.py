@@ -576,6 +576,9 @@ LINEAR_CASES = [
     # the wgmma GEMM's partial last row tile (192 rows per tile, N % 64 == 0), and a rank over two 32-rank steps
     (77, 320, 256, 40, False, torch.bfloat16),
     (40, 64, 128, 8, True, torch.float16),
+    # the wgmma GEMM's staged low-rank chunks: three per tile over several tiles per CTA; an odd rank
+    (4100, 1152, 256, 72, False, torch.bfloat16),
+    (300, 192, 256, 37, True, torch.float16),
 ]
 
 
@@ -856,11 +859,13 @@ def test_build_all_archs(tmp_path, monkeypatch):
             assert sum("w4a4_gemm_kernel" in n and flavour in n for n in names) == 2, (arch, names)
         for layout in ("E2M1Layout", "E2M1NativeLayout"):
             assert sum("quantize_act_lora_down_kernel" in n and layout in n for n in names) == 2, (arch, names)
-    # One exception, bounded: the sm_90a GEMM's 128-token tiles (with split K or not) run its three consumer
-    # warpgroups at the 160 registers setmaxnreg can give them, and ptxas spills a few loop-carried scalars
-    # (20 bytes with nvcc 13.0) there; measured on an H100 that variant is the fastest (csrc/w4a4_sm90a.cu, docs/benchmarks.md).
+    # One exception, bounded: the sm_90a GEMM runs its three consumer warpgroups at the 160 registers
+    # setmaxnreg can give them and its low-rank staging warps at 32, and ptxas spills a few scalars there
+    # (nvcc 13.0: 24-36 bytes in the 128-token instances, mostly the consumers' loop-carried ones; 4 bytes in
+    # the staging warps of the 64-token ones); measured on an H100 that variant is the fastest
+    # (csrc/w4a4_sm90a.cu, docs/benchmarks.md).
     def allowed(name, sm, stores, loads):
-        return WGMMA_KERNEL in name and "Li128E" in name and sm == "90" and max(int(stores), int(loads)) <= 32
+        return WGMMA_KERNEL in name and sm == "90" and max(int(stores), int(loads)) <= 40
     spilling = [(name, sm) for name, sm, stores, loads in kernels
                 if (stores != "0" or loads != "0") and not allowed(name, sm, stores, loads)]
     assert kernels and not spilling, report
