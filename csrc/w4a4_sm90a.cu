@@ -478,8 +478,10 @@ w4a4_gemm_sm90a_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_
     for (int i = 0; i < kAccs; ++i) acc[i] = 0.f;
 
     // ---------------- main loop: per 64-group, two wgmma k32 into a fresh D, wait, promote. A warpgroup's
-    // promotion overlaps the other warpgroups' wgmmas: three of them keep the tensor cores fed.
-    for (int kt = 0; kt < k_steps; ++kt) {
+    // promotion overlaps the other warpgroups' wgmmas: three of them keep the tensor cores fed. (The count
+    // runs down to 0: compared with k_steps, ptxas spilled it in every K step, and scheduled the loop 4%
+    // slower on an H100; docs/benchmarks.md.)
+    for (int kt = k_steps; kt > 0; --kt) {
       mbar_wait(&full[stage], phase);
       const float* sx_stage = sx_s + stage * (2 * kBlockM);
       const T* sw_stage = sw_s + stage * (2 * kBlockN);
