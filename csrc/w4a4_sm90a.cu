@@ -410,9 +410,8 @@ w4a4_gemm_sm90a_kernel(const __grid_constant__ CUtensorMap tm_act, const __grid_
       // ---------------- the low-rank warps: stage every unit's rank chunks (one buffer) while the consumers
       // run the main loop: lora_act as tf32 hi / lo tiles in the k order of the top comment, lora_up as it is.
       // All copies are issued at once (cp.async), then each thread splits the lora_act pieces it copied, in
-      // place. Split K:
-      // both parts' units are staged (which one finishes the tile is known only at its end); the other
-      // part's consumers just release them.
+      // place. Split K: both parts' units are staged (which one finishes the tile is known only at its end);
+      // the other part's consumers just release them.
       const int lt = threadIdx.x - 32;  // 0 .. 32 * kLoraWarps - 1
       const bool up_async = R % 8 == 0 && reinterpret_cast<uintptr_t>(lora_up) % 16 == 0;
       uint32_t chunk = 0;  // chunks staged so far: its parity is the buffer's phase
